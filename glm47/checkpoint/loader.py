@@ -1,0 +1,103 @@
+"""load_model(path): a checkpoint directory in the official layout -> Glm4MoeForCausalLM.
+
+Builds the model on the meta device, allocates it once on the target device, checks every tensor's name,
+shape and dtype against the model before reading any data, then streams the tensors shard by shard
+straight into their parameters. A checkpoint without MTP weights (as transformers writes them) loads with
+the MTP layer disabled.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from glm47.checkpoint.safetensors_io import TensorInfo, list_tensors, read_into
+from glm47.checkpoint.spec import model_tensors, official_keys, tensor_view
+from glm47.config import ModelConfig
+from glm47.model.glm4_moe import Glm4MoeForCausalLM
+
+log = logging.getLogger("glm47")
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+def _parse_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
+    if dtype is None:
+        dtype = config.torch_dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype={dtype!r} is not supported; use bfloat16, float16 or float32")
+    return dtype
+
+
+def _report(problems: dict[str, list[str]], path: Path) -> None:
+    lines = []
+    for what, names in problems.items():
+        if names:
+            shown = ", ".join(names[:20]) + (f", … ({len(names) - 20} more)" if len(names) > 20 else "")
+            lines.append(f"{what} ({len(names)}): {shown}")
+    if lines:
+        raise ValueError(f"checkpoint {path} does not match the model:\n  " + "\n  ".join(lines))
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = torch.bfloat16,
+               device: str | torch.device = "cpu", progress: bool | None = None) -> Glm4MoeForCausalLM:
+    """Loads config.json and the safetensors weights of a checkpoint directory.
+
+    dtype: activation/weight dtype (None: the config's torch_dtype); the router stays float32.
+    progress: show a progress bar (default: when stderr is a terminal)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint directory {path} does not exist")
+    config = ModelConfig.from_file(path)
+    dtype = _parse_dtype(dtype, config)
+    infos = list_tensors(path)
+
+    N, n_mtp = config.num_hidden_layers, config.num_nextn_predict_layers
+    mtp_prefixes = [f"model.layers.{N + j}." for j in range(n_mtp)]
+    has_mtp = n_mtp > 0 and all(any(k.startswith(p) for k in infos) for p in mtp_prefixes)
+    if n_mtp and not has_mtp:
+        log.warning("%s has no MTP weights (model.layers.%d.*): MTP layer disabled", path, N)
+    own_embed = f"model.layers.{N}.embed_tokens.weight" in infos
+    own_head = f"model.layers.{N}.shared_head.head.weight" in infos
+
+    with torch.device("meta"):
+        model = Glm4MoeForCausalLM(config, mtp=has_mtp, mtp_own_embed=own_embed and has_mtp,
+                                   mtp_own_head=own_head and has_mtp)
+    model = model.to(dtype).to_empty(device=device)
+    load_weights(model, infos, path, progress)
+    return model.eval()
+
+
+def load_weights(model: Glm4MoeForCausalLM, infos: dict[str, TensorInfo], path: Path,
+                 progress: bool | None = None) -> None:
+    tensors = model_tensors(model)
+    expected = set(official_keys(model))
+    problems: dict[str, list[str]] = {"missing tensors": sorted(expected - infos.keys()),
+                                      "unexpected tensors": sorted(infos.keys() - expected),
+                                      "wrong shapes": [], "wrong dtypes": []}
+    for name in sorted(expected & infos.keys()):
+        info, want = infos[name], tensor_view(tensors, name, model).shape
+        if tuple(want) != info.shape:
+            problems["wrong shapes"].append(f"{name} {list(info.shape)} (expected {list(want)})")
+        if info.dtype not in FLOAT_DTYPES:
+            hint = " — FP8-quantized checkpoints are not supported yet" if info.dtype.startswith("F8") else ""
+            problems["wrong dtypes"].append(f"{name} {info.dtype} (expected one of {FLOAT_DTYPES}){hint}")
+    _report(problems, path)
+
+    by_file: dict[Path, list[TensorInfo]] = {}
+    for info in infos.values():
+        by_file.setdefault(info.file, []).append(info)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    total = sum(i.nbytes for i in infos.values())
+    with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
+        for file in sorted(by_file):  # one shard at a time, tensors in file order
+            with open(file, "rb") as fh:
+                for info in sorted(by_file[file], key=lambda i: i.offset):
+                    read_into(info, tensor_view(tensors, info.name, model), fh)
+                    bar.update(info.nbytes)

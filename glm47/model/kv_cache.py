@@ -1,0 +1,57 @@
+"""Attention over a key/value store. The model's attention computes q, k, v and hands them to a cache
+object's `attend(layer_idx, q, k, v, positions)`; the cache decides where K/V live and how to attend.
+
+`NoCache` is the plain causal forward; `KVCache` is a contiguous per-layer store for incremental
+decoding (the reference the engine's paged cache is tested against). Neither knows about sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """q: (B, T, H, D); k, v: (B, S, Hkv, D) -> (B, T, H, D). GQA via enable_gqa, scale 1/sqrt(D)."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask, is_causal=causal, enable_gqa=True)
+    return o.transpose(1, 2)
+
+
+class NoCache:
+    """Full causal attention over the tokens of this call only (positions 0..T-1 in every row)."""
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        return sdpa(q, k, v, causal=q.shape[1] > 1)
+
+
+class KVCache:
+    """Contiguous K/V: (layers, batch, max_len, kv_heads, head_dim). Row b stores the token at position p
+    in slot p, so rows may be at different lengths; a query at position p sees slots 0..p of its row."""
+
+    def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, config, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> KVCache:
+        """One slot per decoder layer plus the MTP layers (which attend like any other layer)."""
+        layers = config.num_hidden_layers + config.num_nextn_predict_layers
+        return cls(layers, batch, max_len, config.num_key_value_heads, config.head_dim, dtype, device)
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        B, T = positions.shape
+        end = int(positions.max()) + 1
+        if end > self.max_len:
+            raise ValueError(f"position {end - 1} is beyond the cache length {self.max_len}")
+        rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
+        self.k[layer_idx][rows, positions] = k.to(self.k.dtype)
+        self.v[layer_idx][rows, positions] = v.to(self.v.dtype)
+        slots = torch.arange(end, device=positions.device)
+        mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S): causal per row
+        return sdpa(q, self.k[layer_idx, :, :end].to(q.dtype), self.v[layer_idx, :, :end].to(q.dtype), mask)

@@ -1,0 +1,66 @@
+"""Primitives shared by the GLM-4.7 model: RMSNorm, partial NeoX RoPE and the SwiGLU MLP.
+
+Numerics follow the reference implementation: RMSNorm normalises in float32 and casts back before the
+weight multiply; RoPE angles are computed in float32 and cast to the activation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for the first `rotary_dim` dims of each head (GLM rotates half of the 128: 64 dims)."""
+
+    def __init__(self, rotary_dim: int, theta: float):
+        super().__init__()
+        self.rotary_dim, self.theta = rotary_dim, theta
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # Frequencies are recomputed per call (rotary_dim / 2 values) rather than kept in a buffer, so that
+        # model.to(bfloat16) can never round them.
+        exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=positions.device) / self.rotary_dim
+        inv_freq = 1.0 / (self.theta ** exponent)
+        freqs = positions[..., None].float() * inv_freq  # (..., rotary_dim / 2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # NeoX layout: the two halves share a frequency
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, T, heads, head_dim); cos/sin: (B, T, rotary_dim). Rotates x[..., :rotary_dim] NeoX style
+    (rotate-half), the remaining dims pass through unchanged."""
+    rot = cos.shape[-1]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). gate and up are one fused matrix [2 * inter, hidden]; the
+    checkpoint's gate_proj / up_proj load into its halves (see checkpoint/spec.py)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
