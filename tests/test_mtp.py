@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from glm47 import load_model
+from glm47.checkpoint.writer import init_checkpoint
+from glm47.config import preset
+from glm47.model.kv_cache import KVCache
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mtp")
+    init_checkpoint(preset("tiny"), path, seed=3, dtype=torch.float32, std=0.2)
+    return path
+
+
+def test_mtp_layer_loads_from_layer_num_hidden_layers(ckpt):
+    keys = load_file(ckpt / "model.safetensors").keys()
+    assert "model.layers.3.eh_proj.weight" in keys and "model.layers.3.mlp.experts.7.up_proj.weight" in keys
+    model = load_model(ckpt, dtype=torch.float32)
+    assert model.has_mtp
+    assert model.mtp[0].embed_tokens is None and model.mtp[0].shared_head.head is None  # shared with main
+    w = load_file(ckpt / "model.safetensors")["model.layers.3.enorm.weight"]
+    assert torch.equal(model.mtp[0].enorm.weight, w)
+
+
+def test_mtp_forward_shapes_and_draft_for_i_plus_2(ckpt):
+    model = load_model(ckpt, dtype=torch.float32)
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, hidden = model(ids, return_hidden=True)
+        draft, out = model.mtp_forward(hidden[:, :-1], ids[:, 1:])
+    assert logits.shape == (2, 10, 512) and hidden.shape == (2, 10, 64)
+    assert draft.shape == (2, 9, 512) and out.shape == (2, 9, 64)
+
+
+def test_mtp_uses_embedding_and_hidden_in_the_right_slots(ckpt):
+    """eh_proj sees cat[enorm(embed(next)), hnorm(hidden)]. With eh_proj reading only the first half, the
+    draft must depend on the next tokens and not on the hidden state; zeroing enorm then removes the token
+    dependence too. Swapping enorm/hnorm or flipping the concat order breaks one of these."""
+    model = load_model(ckpt, dtype=torch.float32)
+    mtp = model.mtp[0]
+    h = model.config.hidden_size
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(1))
+    other_ids = (ids + 1) % 512
+    hidden = torch.randn(1, 6, h)
+    other_hidden = torch.randn(1, 6, h)
+    with torch.no_grad():
+        mtp.eh_proj.weight[:, h:] = 0  # keep only the embedding half
+        a = model.mtp_logits(hidden, ids)
+        assert torch.allclose(a, model.mtp_logits(other_hidden, ids), atol=1e-6)
+        assert not torch.allclose(a, model.mtp_logits(hidden, other_ids), atol=1e-3)
+        mtp.enorm.weight.zero_()
+        assert torch.allclose(model.mtp_logits(hidden, ids), model.mtp_logits(hidden, other_ids), atol=1e-6)
+
+
+def test_mtp_with_own_embedding_and_head_copies(ckpt, tmp_path):
+    """GLM-4.5 stores embed_tokens and shared_head.head under the MTP layer; they must be used."""
+    tensors = load_file(ckpt / "model.safetensors")
+    g = torch.Generator().manual_seed(5)
+    tensors["model.layers.3.embed_tokens.weight"] = torch.randn(512, 64, generator=g)
+    tensors["model.layers.3.shared_head.head.weight"] = torch.randn(512, 64, generator=g)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((ckpt / "config.json").read_text())
+    own = load_model(tmp_path, dtype=torch.float32)
+    shared = load_model(ckpt, dtype=torch.float32)
+    assert torch.equal(own.mtp[0].embed_tokens.weight, tensors["model.layers.3.embed_tokens.weight"])
+    ids = torch.randint(0, 512, (1, 5), generator=g)
+    with torch.no_grad():
+        _, hidden = shared(ids, return_hidden=True)
+        d_own, d_shared = own.mtp_logits(hidden, ids), shared.mtp_logits(hidden, ids)
+        # Reproduce the own-copy draft by hand with the copies as the "main" embedding and head.
+        shared.model.embed_tokens.weight.copy_(tensors["model.layers.3.embed_tokens.weight"])
+        shared.lm_head.weight.copy_(tensors["model.layers.3.shared_head.head.weight"])
+        assert torch.allclose(d_own, shared.mtp_logits(hidden, ids), atol=1e-5)
+    assert not torch.allclose(d_own, d_shared, atol=1e-3)
+
+
+def test_mtp_with_kv_cache_matches_full_forward(ckpt):
+    model = load_model(ckpt, dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, hidden = model(ids, return_hidden=True)
+        full = model.mtp_logits(hidden[:, :-1], ids[:, 1:])
+        cache = KVCache.for_model(model.config, 1, 16)
+        steps = [model.mtp_logits(hidden[:, t:t + 1], ids[:, t + 1:t + 2], torch.tensor([[t]]), cache)
+                 for t in range(8)]
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+
+
+def test_checkpoint_without_mtp_weights_disables_mtp_and_says_so(tmp_path, caplog):
+    init_checkpoint(preset("tiny"), tmp_path, mtp=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1  # as transformers writes: the config says 1, no weights
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="glm47"):
+        model = load_model(tmp_path)
+    assert not model.has_mtp
+    assert "no MTP weights" in caplog.text and "model.layers.3" in caplog.text
+    with pytest.raises(ValueError, match="no MTP layer"):
+        model.mtp_logits(torch.zeros(1, 1, 64), torch.zeros(1, 1, dtype=torch.long))
