@@ -5,7 +5,7 @@ from glm47.config import PRESETS, ModelConfig, preset
 __version__ = "0.1.0"
 
 
-def load_model(path, dtype=None, device="cpu", **kwargs):
+def load_model(path, dtype="bfloat16", device="cpu", **kwargs):
     """Loads a checkpoint directory into a `Glm4MoeForCausalLM` (see glm47.checkpoint.loader.load_model)."""
     from glm47.checkpoint.loader import load_model as _load
 
