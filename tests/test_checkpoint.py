@@ -55,11 +55,6 @@ def test_wrong_dtype_is_named(ckpt):
     assert "wrong dtypes" in msg and "model.norm.weight I32" in msg
 
 
-def test_fp8_tensor_is_named_with_a_hint(ckpt):
-    rewrite(ckpt, lambda t: t.update({"lm_head.weight": t["lm_head.weight"].to(torch.float8_e4m3fn)}))
-    msg = load_error(ckpt)
-    assert "lm_head.weight F8_E4M3" in msg and "FP8" in msg
-
 
 def test_pickle_checkpoint_is_refused(tmp_path):
     preset("tiny").save(tmp_path)
@@ -138,3 +133,53 @@ def test_loading_peak_rss_stays_below_1_3x_model_size(tmp_path):
     size, grown = map(int, out.split())
     assert size > 300e6
     assert grown < 1.3 * size, f"peak grew {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"
+
+
+def quantize_channelwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = w.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0  # e4m3 max
+    return (w.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def quantize_blockwise(w: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out, inp = w.shape
+    rows, cols = -(-out // b), -(-inp // b)
+    padded = torch.zeros(rows * b, cols * b)
+    padded[:out, :inp] = w.float()
+    blocks = padded.view(rows, b, cols, b)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0  # (rows, cols)
+    q = (blocks / scale[:, None, :, None]).view(rows * b, cols * b)[:out, :inp]
+    return q.to(torch.float8_e4m3fn), scale
+
+
+@pytest.mark.parametrize("layout", ["channel", "block"])
+def test_fp8_checkpoint_loads_dequantised_exactly(tmp_path, ckpt, layout):
+    """An FP8 checkpoint (every linear weight of attention, MLPs and experts in FP8, router/norms/embeddings/
+    head in bf16, as GLM-4.7-FP8) gives the same model as a bf16 checkpoint of its dequantised weights."""
+    tensors = load_file(ckpt / "model.safetensors")
+    fp8, deq = {}, {}
+    for k, t in tensors.items():
+        is_linear = k.endswith("proj.weight") and ".mlp.gate." not in k
+        if is_linear:
+            q, s = quantize_channelwise(t) if layout == "channel" else quantize_blockwise(t, 16)
+            fp8[k], fp8[k + ("_scale" if layout == "channel" else "_scale_inv")] = q, s
+            if layout == "channel":
+                fp8[k.removesuffix(".weight") + ".input_scale"] = torch.ones(1)  # static scale: ignored
+            deq[k] = (q.float() * (s if layout == "channel" else
+                                   s.repeat_interleave(16, 0).repeat_interleave(16, 1)[: t.shape[0], : t.shape[1]]))
+        else:
+            fp8[k] = deq[k] = t
+    for name, data in (("fp8", fp8), ("deq", deq)):
+        (tmp_path / name).mkdir()
+        save_file(data, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / name / "config.json").write_text((ckpt / "config.json").read_text())
+    a = load_model(tmp_path / "fp8", dtype=torch.float32)
+    b = load_model(tmp_path / "deq", dtype=torch.float32)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+    assert sum(t.dtype == torch.float8_e4m3fn for t in fp8.values()) > 40
+
+
+def test_fp8_weight_without_scale_is_named(ckpt):
+    rewrite(ckpt, lambda t: t.update({"lm_head.weight": t["lm_head.weight"].to(torch.float8_e4m3fn)}))
+    msg = load_error(ckpt)
+    assert "lm_head.weight F8_E4M3" in msg and "weight_scale" in msg

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from glm47.checkpoint.safetensors_io import TensorInfo, list_tensors, read_into
+from glm47.checkpoint.fp8 import IGNORED_SUFFIXES, dequantize, scale_key_of
+from glm47.checkpoint.safetensors_io import DTYPES, TensorInfo, list_tensors, read_into
 from glm47.checkpoint.spec import model_tensors, official_keys, tensor_view
 from glm47.config import ModelConfig
 from glm47.model.glm4_moe import Glm4MoeForCausalLM
@@ -77,15 +78,19 @@ def load_weights(model: Glm4MoeForCausalLM, infos: dict[str, TensorInfo], path: 
                  progress: bool | None = None) -> None:
     tensors = model_tensors(model)
     expected = set(official_keys(model))
+    # FP8 weights come with a scale tensor; static activation scales are accepted and ignored.
+    scales = {scale_key_of(k): infos[k] for k in infos if scale_key_of(k) in expected}
+    extra = {s.name for s in scales.values()} | {k for k in infos if k.endswith(IGNORED_SUFFIXES)}
     problems: dict[str, list[str]] = {"missing tensors": sorted(expected - infos.keys()),
-                                      "unexpected tensors": sorted(infos.keys() - expected),
+                                      "unexpected tensors": sorted(infos.keys() - expected - extra),
                                       "wrong shapes": [], "wrong dtypes": []}
     for name in sorted(expected & infos.keys()):
         info, want = infos[name], tensor_view(tensors, name, model).shape
         if tuple(want) != info.shape:
             problems["wrong shapes"].append(f"{name} {list(info.shape)} (expected {list(want)})")
-        if info.dtype not in FLOAT_DTYPES:
-            hint = " — FP8-quantized checkpoints are not supported yet" if info.dtype.startswith("F8") else ""
+        fp8_ok = info.dtype.startswith("F8") and name in scales and len(info.shape) == 2
+        if info.dtype not in FLOAT_DTYPES and not fp8_ok:
+            hint = " — an FP8 weight needs a .weight_scale or .weight_scale_inv" if info.dtype.startswith("F8") else ""
             problems["wrong dtypes"].append(f"{name} {info.dtype} (expected one of {FLOAT_DTYPES}){hint}")
     _report(problems, path)
 
@@ -99,5 +104,22 @@ def load_weights(model: Glm4MoeForCausalLM, infos: dict[str, TensorInfo], path: 
         for file in sorted(by_file):  # one shard at a time, tensors in file order
             with open(file, "rb") as fh:
                 for info in sorted(by_file[file], key=lambda i: i.offset):
-                    read_into(info, tensor_view(tensors, info.name, model), fh)
+                    if info.name in expected:
+                        target = tensor_view(tensors, info.name, model)
+                        if info.name in scales and info.dtype.startswith("F8"):
+                            target.copy_(_read_fp8(info, scales[info.name], fh))
+                        else:
+                            read_into(info, target, fh)
                     bar.update(info.nbytes)
+
+
+def _read_fp8(info: TensorInfo, scale: TensorInfo, fh) -> torch.Tensor:
+    weight = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+    read_into(info, weight, fh)
+    s = torch.empty(scale.shape, dtype=DTYPES[scale.dtype])
+    with open(scale.file, "rb") as sf:  # the scale may sit in another shard; it is tiny
+        read_into(scale, s, sf)
+    try:
+        return dequantize(weight, s)
+    except ValueError as e:
+        raise ValueError(f"{info.name}: {e}") from None
