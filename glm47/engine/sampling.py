@@ -1,0 +1,278 @@
+"""Sampling: SamplingParams (one request's decoding knobs) and sample(), which turns a batch of logits into ids.
+The filters are pure functions of (N, V) logits with one parameter per row, so a batch that mixes greedy,
+top-p and seeded requests is a single vectorised pass; only the random noise is drawn per row. Stop strings
+and detokenisation are not here (see glm47/stop_strings.py): the engine only sees stop token ids."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+import torch
+from torch import Tensor
+
+# Temperatures below this count as greedy, as in vLLM: dividing by ~0 overflows logits to inf and softmax to NaN.
+GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+# float32 cumsum drifts by ~1e-7, so a set whose mass is exactly top_p could look just short of it.
+_TOP_P_SLACK = 1e-6
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """One request's decoding settings. Defaults are vLLM's; the server swaps in GLM-4.7's recommended
+    temperature 1.0 / top_p 0.95 when a request omits them. stop_token_ids=None means "the model's eos ids",
+    which the engine resolves from generation_config."""
+
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy argmax
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None = up to the context limit
+    min_tokens: int = 0
+    stop: list[str] | None = None  # a single str is accepted and becomes [str]
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; 0 = sampled token only; k = plus the k most likely tokens
+    n: int = 1
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        for name, (kind, rule, ok) in _RULES.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            value = kind(name, value)
+            if not ok(value):
+                raise ValueError(f"{name} must be {rule}, got {value!r}")
+            setattr(self, name, value)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None:
+            self.stop = _list("stop", self.stop)
+            if not all(isinstance(s, str) and s for s in self.stop):
+                raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = [_int("stop_token_ids", t) for t in _list("stop_token_ids", self.stop_token_ids)]
+            if any(t < 0 for t in self.stop_token_ids):
+                raise ValueError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+
+def _real(name: str, value) -> float:
+    # bool is an int subclass; temperature=True is a client bug, not 1.0
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _list(name: str, value) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list, got {value!r}")
+    return list(value)
+
+
+def _bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+# field -> (type check, rule for the message, range check); the type check raises ValueError, never TypeError.
+_RULES = {
+    "temperature": (_real, ">= 0", lambda v: v >= 0),
+    "top_p": (_real, "in (0, 1]", lambda v: 0 < v <= 1),
+    "top_k": (_int, ">= -1 (0 or -1 = off)", lambda v: v >= -1),
+    "min_p": (_real, "in [0, 1]", lambda v: 0 <= v <= 1),
+    "repetition_penalty": (_real, "> 0", lambda v: v > 0),
+    "presence_penalty": (_real, "in [-2, 2]", lambda v: -2 <= v <= 2),
+    "frequency_penalty": (_real, "in [-2, 2]", lambda v: -2 <= v <= 2),
+    # torch.Generator.manual_seed accepts exactly this range; outside it, it would raise RuntimeError later.
+    "seed": (_int, "a 64-bit integer", lambda v: -(2**63) <= v < 2**64),
+    "max_tokens": (_int, ">= 1", lambda v: v >= 1),
+    "min_tokens": (_int, ">= 0", lambda v: v >= 0),
+    "logprobs": (_int, f"in [0, {MAX_LOGPROBS}]", lambda v: 0 <= v <= MAX_LOGPROBS),
+    "n": (_int, ">= 1", lambda v: v >= 1),
+    "ignore_eos": (_bool, "true or false", lambda v: True),
+    "include_stop_str_in_output": (_bool, "true or false", lambda v: True),
+    "skip_special_tokens": (_bool, "true or false", lambda v: True),
+}
+_OPTIONAL = {"seed", "max_tokens", "logprobs"}  # None is a meaningful value for these
+
+
+# ---- pure filters: logits (N, V) float32 and one parameter per row (N,) -> new logits (N, V) ----
+
+
+def token_counts(ids: list[list[int]], vocab_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """(N, V) float32: how often each token id occurs in each row's list."""
+    width = max((len(r) for r in ids), default=0)
+    counts = torch.zeros(len(ids), vocab_size + 1, device=device)
+    if width:
+        # Pad with id vocab_size: the padding is counted in a spare column that is dropped.
+        padded = torch.tensor([list(r) + [vocab_size] * (width - len(r)) for r in ids], device=device)
+        counts.scatter_add_(1, padded, torch.ones(padded.shape, device=device))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: Tensor, prompt_counts: Tensor, output_counts: Tensor, repetition: Tensor,
+                    presence: Tensor, frequency: Tensor) -> Tensor:
+    """Repetition penalty as in HF/vLLM (divide positive logits, multiply negative ones) on every token seen in
+    the prompt or the output; then OpenAI's penalties on output tokens only:
+    logit -= frequency * count + presence * (count > 0)."""
+    seen = (prompt_counts > 0) | (output_counts > 0)
+    rep = repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - frequency[:, None] * output_counts - presence[:, None] * (output_counts > 0)
+
+
+def apply_temperature(logits: Tensor, temperature: Tensor) -> Tensor:
+    """Divide each row by its temperature; greedy rows (< GREEDY_BELOW) are left as they are."""
+    t = torch.where(temperature < GREEDY_BELOW, torch.ones_like(temperature), temperature)
+    return logits / t[:, None]
+
+
+def top_k_filter(logits: Tensor, k: Tensor) -> Tensor:
+    """Keep each row's k largest logits (ties with the k-th survive too); k <= 0 keeps the whole row."""
+    vocab = logits.shape[-1]
+    k = torch.where(k <= 0, vocab, k).clamp(max=vocab)
+    kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # (N, 1)
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def top_p_filter(logits: Tensor, p: Tensor) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p; the top token always stays."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+    drop = (mass_before >= p[:, None] - _TOP_P_SLACK) & (p[:, None] < 1)  # the slack must not bite at p = 1
+    drop[:, 0] = False
+    drop = torch.empty_like(drop).scatter_(1, order, drop)  # back to vocab order
+    return logits.masked_fill(drop, -math.inf)
+
+
+def min_p_filter(logits: Tensor, min_p: Tensor) -> Tensor:
+    """Drop tokens whose probability is below min_p times the row's top probability; min_p 0 keeps all."""
+    # p_i < min_p * p_max  <=>  logit_i - logit_max < log(min_p): no softmax needed, and log(0) = -inf drops none.
+    limit = logits.amax(-1, keepdim=True) + min_p[:, None].log()
+    return logits.masked_fill(logits < limit, -math.inf)
+
+
+def mask_stop_tokens(logits: Tensor, rows: list[int], ids: list[list[int]]) -> Tensor:
+    """Forbid ids[j] in row rows[j]; used while a sequence has fewer than min_tokens outputs."""
+    r = [row for row, row_ids in zip(rows, ids, strict=True) for _ in row_ids]
+    c = [t for row_ids in ids for t in row_ids]
+    out = logits.clone()
+    out[r, c] = -math.inf
+    return out
+
+
+# ---- the batch sampler ----
+
+
+@dataclass(slots=True)
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[float | None]  # the sampled token's raw log-prob; None where the request asked for none
+    top_logprobs: list[list[tuple[int, float]]]  # (id, raw log-prob), most likely first; [] when not asked
+
+
+def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           prompt_ids: list[list[int]], output_ids: list[list[int]], stop_ids: list[list[int]] | None = None,
+           default_generator: torch.Generator | None = None) -> SampleOutput:
+    """One token per row of logits (N, V). Order: min_tokens mask, penalties, then greedy argmax, or temperature,
+    top-k, top-p, min-p (HF's order) and the Gumbel-max draw (probs / Exp(1) noise, argmax).
+
+    A row with its own generator draws its noise from it alone, so a seeded request gets the same tokens whatever
+    else is in the batch; rows without one share default_generator (None = torch's global RNG). Generators must
+    live on logits.device. stop_ids[i] are the ids masked while row i has fewer than min_tokens outputs: the
+    engine passes stop_token_ids plus eos (unless ignore_eos); without it, params[i].stop_token_ids is used.
+    Logprobs are the model's own log-softmax of the raw logits (vLLM's default), untouched by penalties,
+    temperature and filters: they say how likely the model found the token, which is what clients expect."""
+    n, vocab = logits.shape
+    assert len(params) == len(generators) == len(prompt_ids) == len(output_ids) == n, (
+        n, len(params), len(generators), len(prompt_ids), len(output_ids))
+    raw = logits.float()
+    dev = raw.device
+    logits = raw
+
+    short = [i for i, p in enumerate(params) if len(output_ids[i]) < p.min_tokens]
+    if short:
+        ids = [stop_ids[i] if stop_ids is not None else (params[i].stop_token_ids or []) for i in short]
+        logits = mask_stop_tokens(logits, short, ids)
+
+    penalised = [p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params]
+    if any(penalised):
+        # Rows without a penalty get empty lists: their counts stay zero, so their logits pass through unchanged.
+        prompt = [ids if p.repetition_penalty != 1 else [] for p, ids in zip(params, prompt_ids)]
+        output = [ids if on else [] for on, ids in zip(penalised, output_ids)]
+        logits = apply_penalties(logits, token_counts(prompt, vocab, dev), token_counts(output, vocab, dev),
+                                 _column(params, "repetition_penalty", dev), _column(params, "presence_penalty", dev),
+                                 _column(params, "frequency_penalty", dev))
+
+    token_ids = logits.argmax(-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        sub = [params[i] for i in rows]
+        idx = torch.tensor(rows, device=dev)
+        x = apply_temperature(logits[idx], _column(sub, "temperature", dev))
+        if any(p.top_k > 0 for p in sub):
+            x = top_k_filter(x, _column(sub, "top_k", dev, torch.long))
+        if any(p.top_p < 1 for p in sub):
+            x = top_p_filter(x, _column(sub, "top_p", dev))
+        if any(p.min_p > 0 for p in sub):
+            x = min_p_filter(x, _column(sub, "min_p", dev))
+        noise = _exponential_noise(x, [generators[i] for i in rows], default_generator)
+        token_ids[idx] = (x.softmax(-1) / noise).argmax(-1)
+
+    logprobs: list[float | None] = [None] * n
+    top: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if want:
+        idx = torch.tensor(want, device=dev)
+        lp = raw[idx].log_softmax(-1)
+        chosen = lp.gather(1, token_ids[idx][:, None]).squeeze(1).tolist()
+        k = min(max(params[i].logprobs for i in want), vocab)
+        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        for j, i in enumerate(want):
+            logprobs[i] = chosen[j]
+            top[i] = list(zip(top_i[j][: params[i].logprobs], top_v[j][: params[i].logprobs]))
+    return SampleOutput(token_ids.tolist(), logprobs, top)
+
+
+def _column(params: list[SamplingParams], name: str, device: torch.device, dtype=torch.float32) -> Tensor:
+    return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+
+
+def _exponential_noise(like: Tensor, generators: list[torch.Generator | None],
+                       default_generator: torch.Generator | None) -> Tensor:
+    """Exp(1) noise shaped like `like`; each row with a generator draws exactly V values from it per step."""
+    noise = torch.empty_like(like)
+    shared = [j for j, g in enumerate(generators) if g is None]
+    if len(shared) == len(generators):
+        noise.exponential_(generator=default_generator)
+    elif shared:
+        noise[shared] = torch.empty(len(shared), like.shape[1], device=like.device).exponential_(
+            generator=default_generator)
+    for j, g in enumerate(generators):
+        if g is not None:
+            noise[j].exponential_(generator=g)
+    # A draw of exactly 0 would make a filtered token's 0 / 0 = NaN, which argmax picks; tiny keeps it 0.
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
