@@ -121,12 +121,15 @@ def test_loading_peak_rss_stays_below_1_3x_model_size(tmp_path):
     config = preset("tiny", hidden_size=512, intermediate_size=1024, num_hidden_layers=24, moe_intermediate_size=256,
                     vocab_size=8192, head_dim=64, num_attention_heads=8, num_key_value_heads=2, n_routed_experts=16)
     init_checkpoint(config, tmp_path, max_shard_bytes=None)
+    # ru_maxrss survives exec (the child would inherit this test process's peak), so the peak is VmHWM,
+    # reset after the imports through /proc/self/clear_refs.
     script = textwrap.dedent(f"""
-        import resource, psutil, torch, glm47, glm47.checkpoint.loader
+        import re, psutil, torch, glm47, glm47.checkpoint.loader
+        open("/proc/self/clear_refs", "w").write("5")
         base = psutil.Process().memory_info().rss
         model = glm47.load_model({str(tmp_path)!r}, dtype=torch.bfloat16)
         size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
         print(size, peak - base)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout

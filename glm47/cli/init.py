@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from glm47.config import PRESETS, resolve_config
 
 
@@ -42,6 +40,8 @@ def parse_size(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from glm47.checkpoint.writer import init_checkpoint
 
     config = resolve_config(args.model)
