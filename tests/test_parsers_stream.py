@@ -194,13 +194,14 @@ def tool_and_args(draw):
 
 
 def render_tool_call(name, args):
-    """Exactly as chat_template.jinja writes a call: strings raw, everything else as JSON."""
-    parts = "".join(f"<arg_key>{k}</arg_key><arg_value>{render_value(v)}</arg_value>" for k, v in args.items())
-    return f"<tool_call>{name}{parts}</tool_call>"
+    """The call as the package's prompt renderer writes it in an assistant turn (strings raw, else JSON)."""
+    from glm47.chat import render_prompt
 
-
-def render_value(v):
-    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+    messages = [{"role": "user", "content": "go"},
+                {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": name, "arguments": args}}]}]
+    turn = render_prompt(messages, add_generation_prompt=False).rpartition("<|assistant|>")[2]
+    assert turn.startswith("</think><tool_call>"), turn
+    return turn.removeprefix("</think>")
 
 
 @settings(max_examples=200, deadline=None)
