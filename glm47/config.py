@@ -211,6 +211,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         partial_rotary_factor=0.5, rms_norm_eps=1e-5, num_nextn_predict_layers=1, max_position_embeddings=131072,
     ),
     "tiny": _TINY,
+    # Tiny shapes over GLM-4.7's real vocabulary and stop ids: what `glm47 init` makes for a CPU demo.
+    "tiny-glm47": dict(_TINY, **_GLM_IDS),
     "tiny-dense": dict(_TINY, first_k_dense_replace=3, num_nextn_predict_layers=0),
     "tiny-mqa": dict(_TINY, num_key_value_heads=1, use_qk_norm=False, attention_bias=False, n_group=1,
                      norm_topk_prob=False),

@@ -1,0 +1,218 @@
+"""LLMEngine: token ids in, token ids out. add_request / step / abort over the scheduler and model runner.
+
+Each step schedules sequences, runs them as one flat batch, samples the sequences whose prompt is
+complete, and reports new tokens per request. Text (chat templates, detokenizing, stop strings) lives in
+the LLM facade and the server; `n > 1` too: the facade adds n requests with the same prompt (the prefix
+cache shares their blocks) and distinct seeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from glm47.checkpoint.loader import load_model
+from glm47.engine.block_manager import BlockManager
+from glm47.engine.config import EngineConfig
+from glm47.engine.model_runner import ModelRunner, num_kv_blocks
+from glm47.engine.sampling import SamplingParams, sample
+from glm47.engine.scheduler import ScheduledBatch, Scheduler
+from glm47.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class StepOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None  # 'stop' | 'length' | 'abort' once finished
+    logprobs: list[float] | None = None  # per new token, when the request asked for logprobs
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (id, logprob), best first
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied (OpenAI usage.cached_tokens)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What generate() returns per prompt: every generated token of the request."""
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks held by live sequences
+    num_kv_blocks: int
+    num_free_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, found cached (not recomputed)
+    prompt_tokens_computed: int  # prompt tokens run through the model (recomputes after preemption included)
+    generation_tokens: int  # tokens sampled
+    tokens_computed: int  # all tokens run through the model
+    num_preemptions: int
+    num_steps: int
+
+
+class LLMEngine:
+    def __init__(self, model, engine_config: EngineConfig | None = None, eos_token_ids: list[int] | None = None):
+        """model: a Glm4MoeForCausalLM in eval mode. eos_token_ids: the stop ids of generation_config.json
+        (default: the model config's eos_token_id)."""
+        self.config = config = engine_config or EngineConfig()
+        mc = model.config
+        self.eos_token_ids = frozenset(mc.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.vocab_size = mc.vocab_size
+        self.max_model_len = min(mc.max_position_embeddings, config.max_model_len or mc.max_position_embeddings)
+        device = model.lm_head.weight.device
+        num_blocks = num_kv_blocks(config, ModelRunner.kv_bytes_per_block(model, config.block_size), device,
+                                   self.max_model_len)
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.pool_tokens = num_blocks * config.block_size
+        self._requests: dict[str, Sequence] = {}
+        self._pending: list[StepOutput] = []  # abort notices, reported by the next step()
+        self._ids = itertools.count()
+        self._prompt_tokens_computed = self._generation_tokens = self._tokens_computed = self._steps = 0
+
+    @classmethod
+    def from_path(cls, path: str | Path, dtype: torch.dtype | str | None = torch.bfloat16,
+                  device: str | torch.device = "cpu", **options) -> LLMEngine:
+        """Loads a checkpoint directory; options are EngineConfig fields. Stop ids come from
+        generation_config.json when it has them."""
+        model = load_model(path, dtype=dtype, device=device)
+        eos = None
+        gen = Path(path) / "generation_config.json"
+        if gen.is_file():
+            e = json.loads(gen.read_text()).get("eos_token_id")
+            eos = None if e is None else [e] if isinstance(e, int) else list(e)
+        return cls(model, EngineConfig(**options), eos)
+
+    # ---- requests -----------------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queues a request; raises ValueError for one that is malformed or could never fit."""
+        params = params or SamplingParams()
+        if request_id is None:
+            request_id = str(next(self._ids))
+            while request_id in self._requests:  # a caller may have picked a number as an id
+                request_id = str(next(self._ids))
+        elif request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token id")
+        bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int)
+                    or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is not in the vocabulary [0, {self.vocab_size})")
+        if params.n != 1:
+            raise ValueError(f"n={params.n}: the engine runs one sequence per request; add n requests instead")
+        limit = min(self.max_model_len, self.pool_tokens)
+        what = (f"the context length max_model_len={self.max_model_len}" if limit == self.max_model_len else
+                f"the KV cache pool of {self.pool_tokens} tokens (raise kv_cache_tokens or kv_cache_bytes)")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(prompt)
+        if len(prompt) + max(max_tokens, 1) > limit:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} exceeds {what}")
+        stop = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        seq = Sequence(request_id, prompt, params, max_tokens, stop, generator)
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request now and frees its blocks; the next step() reports it with finish_reason 'abort'.
+        Returns False when the request is unknown or already finished."""
+        seq = self._requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self._pending.append(StepOutput(request_id, [], True, "abort", num_cached_tokens=seq.num_cached_tokens))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests or self._pending)
+
+    # ---- stepping -----------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """Runs one scheduled batch; returns one output per request that got a token or finished."""
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            # Admission checks guarantee a lone request fits the pool, so an idle step with work left is a bug.
+            assert not self.scheduler.has_unfinished(), "scheduler made no progress with requests left"
+            return outputs
+        result = self.runner.run(batch.seqs, batch.num_tokens)
+        self._count(batch)
+        sampled = result.sampled
+        token_ids: list[int] = []
+        out = None
+        if sampled:
+            out = sample(result.logits, [s.params for s in sampled], [s.generator for s in sampled],
+                         [s.prompt_token_ids for s in sampled], [s.output_token_ids for s in sampled],
+                         stop_ids=[list(s.stop_token_ids) for s in sampled])
+            token_ids = out.token_ids
+        finished = self.scheduler.update(batch, list(zip(sampled, token_ids)))
+        for seq in finished:
+            del self._requests[seq.request_id]
+        for i, (seq, token_id) in enumerate(zip(sampled, token_ids)):
+            o = StepOutput(seq.request_id, [token_id], seq.is_finished, seq.finish_reason,
+                           num_cached_tokens=seq.num_cached_tokens)
+            if seq.params.logprobs is not None:
+                o.logprobs, o.top_logprobs = [out.logprobs[i]], [out.top_logprobs[i]]
+            outputs.append(o)
+        self._generation_tokens += len(token_ids)
+        self._steps += 1
+        return outputs
+
+    def _count(self, batch: ScheduledBatch) -> None:
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            self._tokens_computed += n
+            self._prompt_tokens_computed += max(0, min(n, seq.num_prompt_tokens - seq.num_computed_tokens))
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Adds the prompts, steps until every request in the engine is done, and returns the outputs of
+        these prompts in their order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, plist):
+                ids.append(self.add_request(p, sp))
+        except ValueError:
+            for rid in ids:
+                self.abort(rid)
+            self._pending = [o for o in self._pending if o.request_id not in ids]
+            raise
+        results = {rid: RequestOutput(rid) for rid in ids}
+        while self.has_unfinished():
+            for o in self.step():
+                r = results.get(o.request_id)
+                if r is None:
+                    continue
+                r.token_ids.extend(o.new_token_ids)
+                r.finish_reason, r.num_cached_tokens = o.finish_reason, o.num_cached_tokens
+                if o.logprobs is not None:
+                    r.logprobs = (r.logprobs or []) + o.logprobs
+                    r.top_logprobs = (r.top_logprobs or []) + o.top_logprobs
+        return [results[rid] for rid in ids]
+
+    # ---- metrics ------------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        bm, sch = self.block_manager, self.scheduler
+        return EngineStats(len(sch.running), len(sch.waiting), bm.usage, bm.num_blocks, bm.num_free_blocks,
+                           sch.prefix_query_tokens, sch.prefix_hit_tokens, self._prompt_tokens_computed,
+                           self._generation_tokens, self._tokens_computed, sch.num_preemptions, self._steps)
