@@ -1,0 +1,108 @@
+"""The engine against transformers on the same weights: a random GLM-4.7-shaped bf16 model (the `bench`
+preset: vocab 151552, hidden 1024, 8 layers, 16 heads, 2 KV heads, head_dim 128, 64 experts top-8 of width
+256 + 1 shared, dense width 3072, first layer dense), on this machine's CPU. Prints ratios measured in this
+run; nothing is asserted.
+
+    python benchmarks/bench_engine.py [--decode-tokens 64] [--concurrent 16] [--prefill 2048] [--history 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import psutil
+import torch
+
+from glm47.bench import active_weight_bytes, greedy, measure_bandwidth, prefix_cache_ttft, random_prompt, run
+from glm47.checkpoint.loader import load_model
+from glm47.checkpoint.writer import init_checkpoint
+from glm47.config import preset
+from glm47.engine.config import EngineConfig
+from glm47.engine.llm_engine import LLMEngine
+
+
+def hf_generate_time(ref, batch: list[list[int]], new_tokens: int) -> float:
+    """Wall time of transformers' greedy generate for a left-padded batch."""
+    width = max(map(len, batch))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    t = time.perf_counter()
+    ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                 do_sample=False, pad_token_id=0)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--concurrent", type=int, default=16)
+    ap.add_argument("--concurrent-tokens", type=int, default=64)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--history", type=int, default=3000)
+    args = ap.parse_args()
+    import transformers
+
+    config = preset("bench")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d, torch.inference_mode():
+        init_checkpoint(config, d, seed=0, mtp=False)
+        model = load_model(d, dtype=torch.bfloat16)
+        V = config.vocab_size
+
+        def engine(**kw) -> LLMEngine:
+            return LLMEngine(model, EngineConfig(kv_cache_tokens=16384, max_num_batched_tokens=2048, **kw))
+
+        rows = []
+        # --- memory: resident set against weights + KV pool (before transformers is loaded)
+        e = engine()
+        run(e, [random_prompt(512, V, 9)], greedy(16))
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        pool = 2 * e.runner.kv.k.numel() * e.runner.kv.k.element_size()
+        rss = psutil.Process(os.getpid()).memory_info().rss
+        print(f"memory: RSS {rss / 1e9:.2f} GB, weights {weights / 1e9:.2f} GB + KV pool {pool / 1e9:.2f} GB "
+              f"= {(weights + pool) / 1e9:.2f} GB -> ratio {rss / (weights + pool):.2f}")
+
+        ref = transformers.Glm4MoeForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
+
+        # --- 1. batch-1 decode, and the roofline
+        p = random_prompt(64, V, 1)
+        ours = run(engine(), [p], greedy(args.decode_tokens)).decode_tokens_per_s
+        t1, tn = hf_generate_time(ref, [p], 1), hf_generate_time(ref, [p], args.decode_tokens)
+        theirs = (args.decode_tokens - 1) / (tn - t1)
+        bw = measure_bandwidth()
+        active = active_weight_bytes(model)
+        roof = bw / active
+        rows.append(("batch-1 decode tok/s", ours, theirs))
+        print(f"roofline: {active / 1e6:.0f} MB active weights per token / {bw / 1e9:.1f} GB/s read bandwidth "
+              f"= {roof:.1f} tok/s; glm47 decode reaches {100 * ours / roof:.0f} % of it")
+
+        # --- 2. concurrent requests, total tokens/s
+        prompts = [random_prompt(32 + 8 * i, V, 100 + i) for i in range(args.concurrent)]
+        t = run(engine(), prompts, greedy(args.concurrent_tokens))
+        ours = t.generated / t.total
+        theirs = args.concurrent * args.concurrent_tokens / hf_generate_time(ref, prompts, args.concurrent_tokens)
+        rows.append((f"{args.concurrent} concurrent tok/s", ours, theirs))
+
+        # --- 3. long-prompt prefill (time to first token)
+        p = random_prompt(args.prefill, V, 2)
+        ours = args.prefill / run(engine(), [p], greedy(1)).ttft
+        theirs = args.prefill / hf_generate_time(ref, [p], 1)
+        rows.append((f"prefill {args.prefill} tok/s", ours, theirs))
+
+        # --- 4. second turn of a long conversation: prefix caching on vs off
+        on, computed_on = prefix_cache_ttft(engine(), args.history, 50)
+        off, computed_off = prefix_cache_ttft(engine(enable_prefix_caching=False), args.history, 50)
+        print(f"second turn of a {args.history}-token conversation: TTFT {on * 1e3:.0f} ms with prefix caching "
+              f"({computed_on} prompt tokens computed) vs {off * 1e3:.0f} ms without ({computed_off}): "
+              f"{off / on:.1f}x")
+
+        print(f"\n{'':28s}{'glm47':>12s}{'transformers':>14s}{'ratio':>8s}")
+        for name, a, b in rows:
+            print(f"{name:28s}{a:12.1f}{b:14.1f}{a / b:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Engine measurements shared by `glm47 bench` and benchmarks/bench_engine.py: batch-1 decode speed against
+the memory-bandwidth roofline, concurrent throughput, long-prompt prefill and prefix-cache time to first
+token. Each returns plain numbers; nothing here asserts a target (benchmarks print ratios, tests don't time).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from glm47.engine.llm_engine import LLMEngine
+from glm47.engine.sampling import SamplingParams
+
+
+def random_prompt(n: int, vocab_size: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, min(vocab_size, 150000), (n,), generator=g).tolist()
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, repeat: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `repeat` passes summing a buffer far larger than the caches."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def active_weight_bytes(model) -> int:
+    """Weight bytes one decoded token must read: everything except the routed experts it does not use
+    (top_k of n_routed_experts per MoE layer), and one embedding row instead of the table."""
+    cfg = model.config
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp."):
+            continue
+        nbytes = p.numel() * p.element_size()
+        if name.endswith("experts.w13") or name.endswith("experts.w2"):
+            nbytes = nbytes * cfg.num_experts_per_tok // cfg.n_routed_experts
+        elif name == "model.embed_tokens.weight":
+            nbytes = p.shape[1] * p.element_size()
+        total += nbytes
+    return total
+
+
+@dataclass(slots=True)
+class Timing:
+    ttft: float  # seconds to the first token of the first request
+    total: float  # seconds until every request finished
+    generated: int  # tokens generated
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.generated - 1) / max(self.total - self.ttft, 1e-9)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated / self.total
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> Timing:
+    """Adds every prompt at once and steps to completion."""
+    start = time.perf_counter()
+    for p in prompts:
+        engine.add_request(p, params)
+    ttft, generated = None, 0
+    while engine.has_unfinished():
+        for o in engine.step():
+            generated += len(o.new_token_ids)
+            if ttft is None and o.new_token_ids:
+                ttft = time.perf_counter() - start
+    return Timing(ttft or 0.0, time.perf_counter() - start, generated)
+
+
+def prefix_cache_ttft(engine: LLMEngine, history: int, new: int, seed: int = 0) -> tuple[float, int]:
+    """A first turn of `history` tokens, then a second turn that repeats it and adds `new` tokens: returns
+    the second turn's time to first token and how many prompt tokens it actually computed."""
+    first = random_prompt(history, engine.vocab_size, seed)
+    second = first + random_prompt(new, engine.vocab_size, seed + 1)
+    run(engine, [first], greedy(1))
+    before = engine.stats().prompt_tokens_computed
+    t = run(engine, [second], greedy(1))
+    return t.ttft, engine.stats().prompt_tokens_computed - before
