@@ -17,9 +17,10 @@ ALLOWED = {
     "model": {"config", "distributed"},
     "checkpoint": {"config", "model", "distributed"},
     "engine": {"config", "model", "checkpoint", "distributed", "planner"},
-    "training": {"config", "model", "checkpoint", "chat", "distributed"},
+    "training": {"config", "model", "checkpoint", "chat", "distributed", "tools"},
+    "tools": set(),
 }
-NO_TORCH = {"config", "parsers", "chat", "planner"}
+NO_TORCH = {"config", "parsers", "chat", "planner", "tools"}
 
 
 def imports_of(path: Path) -> set[str]:
