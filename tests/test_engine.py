@@ -15,6 +15,16 @@ from helpers import save_hf_checkpoint
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy shared CPU each parallel op can wait a whole
+    time slice for its second thread (this file took 100 s instead of 10 s that way)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
@@ -176,6 +186,8 @@ def test_stop_token_ids_logprobs_and_step_outputs(checkpoint):
     assert outs[-1].finished and outs[-1].finish_reason == "stop" and not any(o.finished for o in outs[:-1])
     assert all(o.request_id == rid and len(o.logprobs) == 1 and len(o.top_logprobs[0]) == 2 for o in outs)
     assert all(o.top_logprobs[0][0][0] == o.new_token_ids[0] for o in outs), "greedy picks the top token"
+    done = eng.generate([p], SamplingParams(temperature=0, max_tokens=5, logprobs=0))[0]
+    assert len(done.logprobs) == 5 and done.top_logprobs == [[]] * 5
 
 
 def test_runner_returns_the_final_hidden_states_of_every_token(checkpoint):

@@ -82,3 +82,14 @@ def test_grouped_experts_equal_naive_loop():
             x = torch.randn(n, config.hidden_size)
             got, want = moe(x), naive_moe(moe, x)
             assert (got - want).abs().max() < 1e-5, n
+
+
+def test_gemm_rows_cover_the_range_with_few_sizes():
+    from glm47.model.moe import gemm_rows
+
+    assert gemm_rows(5, 0) == []
+    for n in (1, 15, 16, 17, 100, 1000):
+        rows = gemm_rows(5, n)
+        assert [lo for lo, _ in rows] == [5] + [hi for _, hi in rows[:-1]] and rows[-1][1] == 5 + n
+        sizes = [hi - lo for lo, hi in rows]
+        assert all(s >= 16 and s & (s - 1) == 0 for s in sizes[:-1]), sizes  # powers of two, then one remainder

@@ -61,8 +61,11 @@ def test_paged_attention_matches_dense_cache(block_size, heads, kv_heads):
     run_case(block_size, heads, kv_heads, ROWS)
 
 
-@pytest.mark.parametrize("rows", [[(37, 1)], [(0, 5)], [(12, 4)], [(2, 9)], [(3, 1), (40, 1), (0, 1)]],
-                         ids=["one-decode", "one-prefill", "one-chunk-long-context", "one-chunk-short-context", "decodes-only"])
+SINGLE = {"one-decode": [(37, 1)], "one-prefill": [(0, 5)], "chunk-after-long-context": [(12, 4)],
+          "chunk-after-short-context": [(2, 9)], "decodes-only": [(3, 1), (40, 1), (0, 1)]}
+
+
+@pytest.mark.parametrize("rows", list(SINGLE.values()), ids=list(SINGLE))
 def test_paged_attention_single_phase_batches(rows):
     run_case(4, 4, 2, rows)
 

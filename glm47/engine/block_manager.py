@@ -108,7 +108,7 @@ class BlockManager:
         if num_new_blocks + revived > len(self.free_queue):
             return False
         if not seq.block_table:  # first allocation since (re)admission
-            seq.num_cached_tokens = len(hits) * self.block_size
+            seq.num_cached_tokens = min(len(hits) * self.block_size, seq.num_prompt_tokens)
         for b in hits:
             self._acquire(b)
         seq.block_table.extend(hits)

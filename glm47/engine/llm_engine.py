@@ -206,8 +206,10 @@ class LLMEngine:
                 r.token_ids.extend(o.new_token_ids)
                 r.finish_reason, r.num_cached_tokens = o.finish_reason, o.num_cached_tokens
                 if o.logprobs is not None:
-                    r.logprobs = (r.logprobs or []) + o.logprobs
-                    r.top_logprobs = (r.top_logprobs or []) + o.top_logprobs
+                    if r.logprobs is None:
+                        r.logprobs, r.top_logprobs = [], []
+                    r.logprobs.extend(o.logprobs)
+                    r.top_logprobs.extend(o.top_logprobs)
         return [results[rid] for rid in ids]
 
     # ---- metrics ------------------------------------------------------------------------------------

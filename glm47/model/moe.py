@@ -62,6 +62,20 @@ class Router(nn.Module):
                               self.norm_topk_prob, self.scale)
 
 
+def gemm_rows(start: int, n: int, small: int = 16) -> list[tuple[int, int]]:
+    """Rows [start, start + n) as GEMMs of at most ~log2(n) + 1 sizes: powers of two >= small, then one
+    remainder < small. oneDNN (bf16 on CPU) compiles and caches a kernel per GEMM shape, ~0.8 MB each, up
+    to 1,024 of them; data-dependent expert row counts would otherwise fill that cache (hundreds of MB)."""
+    rows, end = [], start + n
+    while end - start >= small:
+        m = 1 << ((end - start).bit_length() - 1)
+        rows.append((start, start + m))
+        start += m
+    if start < end:
+        rows.append((start, end))
+    return rows
+
+
 class Experts(nn.Module):
     """Routed experts, stacked: w13[e] = [gate_proj; up_proj] of expert e, w2[e] = its down_proj."""
 
@@ -83,11 +97,9 @@ class Experts(nn.Module):
         out = torch.empty_like(xs)
         start = 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            seg = xs[start:start + n]
-            gate, up = F.linear(seg, self.w13[e]).chunk(2, dim=-1)
-            out[start:start + n] = F.linear(F.silu(gate) * up, self.w2[e])
+            for lo, hi in gemm_rows(start, n):
+                gate, up = F.linear(xs[lo:hi], self.w13[e]).chunk(2, dim=-1)
+                out[lo:hi] = F.linear(F.silu(gate) * up, self.w2[e])
             start += n
         # Weight in float32 (the router's dtype) and sum each token's K copies.
         y = torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device)
