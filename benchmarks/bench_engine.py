@@ -4,6 +4,7 @@ preset: vocab 151552, hidden 1024, 8 layers, 16 heads, 2 KV heads, head_dim 128,
 run; nothing is asserted.
 
     python benchmarks/bench_engine.py [--decode-tokens 64] [--concurrent 16] [--prefill 2048] [--history 3000]
+                                      [--parts memory,decode,concurrent,prefill,prefix]
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def hf_generate_time(ref, batch: list[list[int]], new_tokens: int) -> float:
     return time.perf_counter() - t
 
 
+PARTS = ("memory", "decode", "concurrent", "prefill", "prefix")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--decode-tokens", type=int, default=64)
@@ -42,7 +46,11 @@ def main() -> None:
     ap.add_argument("--concurrent-tokens", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--history", type=int, default=3000)
+    ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        raise SystemExit(f"unknown --parts {sorted(parts - set(PARTS))}; choose from {','.join(PARTS)}")
     import transformers
 
     config = preset("bench")
@@ -57,47 +65,52 @@ def main() -> None:
 
         rows = []
         # --- memory: resident set against weights + KV pool (before transformers is loaded)
-        e = engine()
-        run(e, [random_prompt(512, V, 9)], greedy(16))
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        pool = 2 * e.runner.kv.k.numel() * e.runner.kv.k.element_size()
-        rss = psutil.Process(os.getpid()).memory_info().rss
-        print(f"memory: RSS {rss / 1e9:.2f} GB, weights {weights / 1e9:.2f} GB + KV pool {pool / 1e9:.2f} GB "
-              f"= {(weights + pool) / 1e9:.2f} GB -> ratio {rss / (weights + pool):.2f}")
+        if "memory" in parts:
+            e = engine()
+            run(e, [random_prompt(512, V, 9)], greedy(16))
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            pool = 2 * e.runner.kv.k.numel() * e.runner.kv.k.element_size()
+            rss = psutil.Process(os.getpid()).memory_info().rss
+            print(f"memory: RSS {rss / 1e9:.2f} GB, weights {weights / 1e9:.2f} GB + KV pool {pool / 1e9:.2f} GB "
+                  f"= {(weights + pool) / 1e9:.2f} GB -> ratio {rss / (weights + pool):.2f}")
 
         ref = transformers.Glm4MoeForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
 
         # --- 1. batch-1 decode, and the roofline
-        p = random_prompt(64, V, 1)
-        ours = run(engine(), [p], greedy(args.decode_tokens)).decode_tokens_per_s
-        t1, tn = hf_generate_time(ref, [p], 1), hf_generate_time(ref, [p], args.decode_tokens)
-        theirs = (args.decode_tokens - 1) / (tn - t1)
-        bw = measure_bandwidth()
-        active = active_weight_bytes(model)
-        roof = bw / active
-        rows.append(("batch-1 decode tok/s", ours, theirs))
-        print(f"roofline: {active / 1e6:.0f} MB active weights per token / {bw / 1e9:.1f} GB/s read bandwidth "
-              f"= {roof:.1f} tok/s; glm47 decode reaches {100 * ours / roof:.0f} % of it")
+        if "decode" in parts:
+            p = random_prompt(64, V, 1)
+            ours = run(engine(), [p], greedy(args.decode_tokens)).decode_tokens_per_s
+            t1, tn = hf_generate_time(ref, [p], 1), hf_generate_time(ref, [p], args.decode_tokens)
+            theirs = (args.decode_tokens - 1) / (tn - t1)
+            bw = measure_bandwidth()
+            active = active_weight_bytes(model)
+            roof = bw / active
+            rows.append(("batch-1 decode tok/s", ours, theirs))
+            print(f"roofline: {active / 1e6:.0f} MB active weights per token / {bw / 1e9:.1f} GB/s read bandwidth "
+                  f"= {roof:.1f} tok/s; glm47 decode reaches {100 * ours / roof:.0f} % of it")
 
         # --- 2. concurrent requests, total tokens/s
-        prompts = [random_prompt(32 + 8 * i, V, 100 + i) for i in range(args.concurrent)]
-        t = run(engine(), prompts, greedy(args.concurrent_tokens))
-        ours = t.generated / t.total
-        theirs = args.concurrent * args.concurrent_tokens / hf_generate_time(ref, prompts, args.concurrent_tokens)
-        rows.append((f"{args.concurrent} concurrent tok/s", ours, theirs))
+        if "concurrent" in parts:
+            prompts = [random_prompt(32 + 8 * i, V, 100 + i) for i in range(args.concurrent)]
+            t = run(engine(), prompts, greedy(args.concurrent_tokens))
+            ours = t.generated / t.total
+            theirs = args.concurrent * args.concurrent_tokens / hf_generate_time(ref, prompts, args.concurrent_tokens)
+            rows.append((f"{args.concurrent} concurrent tok/s", ours, theirs))
 
         # --- 3. long-prompt prefill (time to first token)
-        p = random_prompt(args.prefill, V, 2)
-        ours = args.prefill / run(engine(), [p], greedy(1)).ttft
-        theirs = args.prefill / hf_generate_time(ref, [p], 1)
-        rows.append((f"prefill {args.prefill} tok/s", ours, theirs))
+        if "prefill" in parts:
+            p = random_prompt(args.prefill, V, 2)
+            ours = args.prefill / run(engine(), [p], greedy(1)).ttft
+            theirs = args.prefill / hf_generate_time(ref, [p], 1)
+            rows.append((f"prefill {args.prefill} tok/s", ours, theirs))
 
         # --- 4. second turn of a long conversation: prefix caching on vs off
-        on, computed_on = prefix_cache_ttft(engine(), args.history, 50)
-        off, computed_off = prefix_cache_ttft(engine(enable_prefix_caching=False), args.history, 50)
-        print(f"second turn of a {args.history}-token conversation: TTFT {on * 1e3:.0f} ms with prefix caching "
-              f"({computed_on} prompt tokens computed) vs {off * 1e3:.0f} ms without ({computed_off}): "
-              f"{off / on:.1f}x")
+        if "prefix" in parts:
+            on, computed_on = prefix_cache_ttft(engine(), args.history, 50)
+            off, computed_off = prefix_cache_ttft(engine(enable_prefix_caching=False), args.history, 50)
+            print(f"second turn of a {args.history}-token conversation: TTFT {on * 1e3:.0f} ms with prefix caching "
+                  f"({computed_on} prompt tokens computed) vs {off * 1e3:.0f} ms without ({computed_off}): "
+                  f"{off / on:.1f}x")
 
         print(f"\n{'':28s}{'glm47':>12s}{'transformers':>14s}{'ratio':>8s}")
         for name, a, b in rows:

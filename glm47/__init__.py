@@ -12,4 +12,17 @@ def load_model(path, dtype="bfloat16", device="cpu", **kwargs):
     return _load(path, dtype=dtype, device=device, **kwargs)
 
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "load_model", "__version__"]
+def __getattr__(name: str):
+    # The engine's front door, imported on first use so that `import glm47` stays light (no torch).
+    if name == "LLM":
+        from glm47.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from glm47.engine.sampling import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'glm47' has no attribute {name!r}")
+
+
+__all__ = ["ModelConfig", "PRESETS", "preset", "load_model", "LLM", "SamplingParams", "__version__"]

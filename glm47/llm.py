@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from glm47.chat import StreamDecoder, Tokenizer, render_ids, render_prompt
+from glm47.chat import Tokenizer, render_ids, render_prompt
 from glm47.engine.llm_engine import LLMEngine
 from glm47.engine.sampling import SamplingParams
 from glm47.parsers import Delta, OutputStream, ToolCall, parse_output, prompt_ends_in_think
-from glm47.stop_strings import StopStringMatcher
+from glm47.text_output import TextTrack
 
 
 @dataclass(slots=True)
@@ -99,12 +99,10 @@ class ChatChunk:
 
 @dataclass(slots=True)
 class _Track:
-    """The text-side state of one engine request (one sample of one prompt)."""
+    """One engine request (one sample of one prompt) and its text-side state."""
     index: int
     output_index: int
-    stop_ids: frozenset[int]
-    decoder: StreamDecoder
-    matcher: StopStringMatcher
+    text: TextTrack
 
 
 class LLM:
@@ -216,31 +214,19 @@ class LLM:
                     # n samples are n requests; the prefix cache shares their prompt blocks.
                     seed = None if p.seed is None else p.seed + k
                     rid = engine.add_request(ids, dataclasses.replace(p, n=1, seed=seed))
-                    stop_ids = frozenset(p.stop_token_ids or ()) | (
-                        frozenset() if p.ignore_eos else engine.eos_token_ids)
-                    tracks[rid] = _Track(i, k, stop_ids, self.tokenizer.stream_decoder(p.skip_special_tokens),
-                                         StopStringMatcher(p.stop, p.include_stop_str_in_output))
+                    tracks[rid] = _Track(i, k, TextTrack(self.tokenizer, p, engine.eos_token_ids))
             while tracks:
                 for o in engine.step():
                     t = tracks.get(o.request_id)
                     if t is None:
                         continue
-                    ids, reason = o.new_token_ids, o.finish_reason
-                    # The stop token ends the reply; it is counted but not shown as text.
-                    shown = ids[:-1] if reason == "stop" and ids and ids[-1] in t.stop_ids else ids
-                    text, stopped = t.matcher.feed(t.decoder.feed(shown))
-                    if stopped:  # a stop string: the request ends here whatever the engine thinks
-                        if not o.finished:
-                            engine.abort(o.request_id)
-                        reason = "stop"
-                    elif o.finished:
-                        tail, _ = t.matcher.feed(t.decoder.flush())
-                        text += tail + t.matcher.flush()
-                    done = stopped or o.finished
-                    if done:
+                    step = t.text.feed(o.new_token_ids, o.finished, o.finish_reason)
+                    if step.abort:  # a stop string ended it: free its blocks now
+                        engine.abort(o.request_id)
+                    if step.done:
                         del tracks[o.request_id]
-                    yield StreamDelta(t.index, t.output_index, text, ids, reason if done else None, o.logprobs,
-                                      o.top_logprobs, o.num_cached_tokens)
+                    yield StreamDelta(t.index, t.output_index, step.text, o.new_token_ids, step.finish_reason,
+                                      o.logprobs, o.top_logprobs, o.num_cached_tokens)
         finally:
             for rid in tracks:  # the caller stopped early, or an error: free the engine's blocks
                 engine.abort(rid)

@@ -125,3 +125,14 @@ def test_chat_stream_agrees_with_chat_and_thinking_off_starts_in_content(llm, mo
     assert chunks[-1].finish_reason == "stop" and all(c.delta is None or not c.delta.reasoning_content
                                                       for c in chunks)
     assert llm.engine.prompts[0][-1] == llm.tokenizer.think_end_id  # <|assistant|></think>
+
+
+def test_the_package_exports_llm_and_sampling_params_lazily():
+    import subprocess
+    import sys
+
+    import glm47
+
+    assert glm47.LLM is LLM and glm47.SamplingParams is SamplingParams
+    code = "import sys, glm47; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -12,9 +12,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Renders PROMPT as a user message with GLM-4.7's chat template (or sends it "
                                    "as-is with --raw) and streams the reply; reasoning is shown apart.")
     p.add_argument("prompt", nargs="?", help="the user message (or raw text with --raw)")
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded nano GLM-4.7)")
     p.add_argument("--messages", help="JSON file with a list of chat messages ('-' reads stdin)")
-    p.add_argument("--tools", help="JSON file with a list of OpenAI-style tool definitions")
+    p.add_argument("--tools", help="JSON file with a list of OpenAI-style tool definitions, or 'builtin' for the "
+                                   "built-in tools (calculator, units, weather, dates); calls are shown, not run")
     p.add_argument("--system", help="a system message to put first")
     p.add_argument("--raw", action="store_true", help="complete PROMPT as plain text, without the chat template")
     p.add_argument("--no-thinking", action="store_true", help="switch thinking off for this turn")
@@ -49,6 +50,23 @@ def _messages(args: argparse.Namespace) -> list[dict]:
     return messages
 
 
+def _tools(arg: str | None) -> list[dict] | None:
+    if arg == "builtin":
+        from glm47.tools import tool_definitions
+
+        return tool_definitions()
+    return _read_json(arg, "tools") if arg else None
+
+
+def model_dir(arg: str | None) -> str:
+    """--model, else the embedded default model (shared by generate, chat and serve)."""
+    if arg:
+        return arg
+    from glm47.assets import default_model_path
+
+    return str(default_model_path())
+
+
 class Printer:
     """Reasoning dimmed under a 'thinking' header, then the answer; tool calls on their own lines."""
 
@@ -79,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     if args.raw and not args.prompt:
         raise ValueError("--raw needs a prompt")
     messages = None if args.raw else _messages(args)
-    tools = _read_json(args.tools, "tools") if args.tools else None
-    llm = LLM(args.model, dtype=args.dtype, kv_cache_tokens=args.kv_cache_tokens)
+    tools = _tools(args.tools)
+    llm = LLM(model_dir(args.model), dtype=args.dtype, kv_cache_tokens=args.kv_cache_tokens)
     printer = Printer()
     reason = None
     if args.raw:

@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `glm47 --help` lists them.
-COMMANDS = ["chat", "generate", "bench", "init", "plan", "train", "evaluate"]
+COMMANDS = ["chat", "generate", "serve", "bench", "init", "plan", "train", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

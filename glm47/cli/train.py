@@ -6,6 +6,10 @@ import argparse
 import os
 import sys
 
+from glm47.training.recipe import TrainConfig
+
+D = TrainConfig()  # the defaults, for the help text
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the nano GLM-4.7 on the synthetic agent corpus (CPU)",
@@ -15,19 +19,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "train_state.pt for --resume.")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out (settings from there)")
-    p.add_argument("--steps", type=int, help="total optimizer steps (default 1100)")
-    p.add_argument("--seed", type=int, help="seed of the corpus, tokenizer, init and data order (default 0)")
-    p.add_argument("--examples", type=int, help="training conversations to generate (default 24000)")
-    p.add_argument("--batch-size", type=int, help="conversations per step (default 16)")
-    p.add_argument("--lr", type=float, help="peak learning rate, Muon and AdamW (default 3e-3)")
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--mtp-weight", type=float, help="weight of the MTP loss (default 0.3)")
-    p.add_argument("--bias-rate", type=float, help="expert-balancing bias step per update (default 1e-3)")
+    p.add_argument("--steps", type=int, help=f"total optimizer steps (default {D.steps})")
+    p.add_argument("--seed", type=int, help=f"seed of the corpus, tokenizer, init and data order (default {D.seed})")
+    p.add_argument("--examples", type=int, help=f"training conversations to generate (default {D.examples})")
+    p.add_argument("--batch-size", type=int, help=f"conversations per step (default {D.batch_size})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate, Muon and AdamW (default {D.lr:g})")
+    p.add_argument("--warmup-steps", type=int, help=f"linear warmup steps (default {D.warmup_steps})")
+    p.add_argument("--mtp-weight", type=float, help=f"weight of the MTP loss (default {D.mtp_weight:g})")
+    p.add_argument("--bias-rate", type=float, help=f"expert-balancing bias step per update (default {D.bias_rate:g})")
     p.add_argument("--adamw-only", action="store_true", default=None, help="AdamW for every parameter (no Muon)")
     p.add_argument("--no-autocast", dest="autocast", action="store_false", default=None,
                    help="train in float32 instead of bf16 autocast")
-    p.add_argument("--vocab-size", type=int, help="tokenizer size incl. the 36 added tokens (default 2048)")
-    p.add_argument("--save-every", type=int, help="steps between checkpoints (default 250)")
+    p.add_argument("--vocab-size", type=int, help=f"tokenizer size incl. the 36 added tokens (default {D.vocab_size})")
+    p.add_argument("--save-every", type=int, help=f"steps between checkpoints (default {D.save_every})")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.set_defaults(func=run)

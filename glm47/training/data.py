@@ -3,7 +3,8 @@
 No packing: each row is one conversation at positions 0..L-1, right-padded with <|endoftext|> to the
 longest row of its batch. Causal attention never lets a real token see the padding after it, so the model
 runs with no attention mask, and RoPE positions are exactly those of inference. Rows are grouped by length
-(sorted inside windows of 32 batches) so that padding stays small (~5 % at the default corpus).
+(sorted inside windows of 8 batches): ~9 % padding at the default corpus, while each batch still
+mixes kinds of conversation (sorting whole epochs by length made batches one kind each, and the loss jumpy).
 The batch for a step is a pure function of (seed, step): resuming needs nothing but the step.
 """
 
@@ -19,7 +20,7 @@ from torch import Tensor
 from glm47.chat import render_ids
 from glm47.chat.tokenizer import Tokenizer
 
-SORT_WINDOW = 32  # batches whose rows are sorted by length together
+SORT_WINDOW = 8  # batches whose rows are sorted by length together: ~9 % padding, batches still mixed
 
 
 @dataclass(slots=True)

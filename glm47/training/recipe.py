@@ -36,7 +36,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     mtp_weight: float = 0.3  # DeepSeek-V3 uses 0.3 early in training
-    bias_rate: float = 1e-3  # loss-free balancing: bias step per update, towards the mean load
+    bias_rate: float = 5e-3  # loss-free balancing: bias step per update towards the mean load (1e-3 lags a short run)
     adamw_only: bool = False  # Muon for hidden matrices unless this is set
     autocast: bool = True  # bf16 autocast on CPU (RMSNorm and the losses still compute in float32)
     save_every: int = 100

@@ -1,0 +1,89 @@
+"""`glm47 serve`: OpenAI- and Anthropic-compatible HTTP server over one engine (FastAPI + uvicorn).
+Without --model it serves a tiny random GLM-4.7-shaped checkpoint (real tokenizer, gibberish text), written
+once under $XDG_CACHE_HOME/glm47/default (else ~/.cache/glm47/default): a demo needing no download."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "glm-4.7"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint over OpenAI- and Anthropic-compatible HTTP APIs",
+                       description="Serves /v1/chat/completions, /v1/completions, /v1/messages (Claude Code), "
+                                   "/v1/messages/count_tokens, /v1/models, /tokenize, /detokenize, /health and "
+                                   "/metrics. SIGTERM lets in-flight requests finish, then exits.")
+    p.add_argument("--model", help="checkpoint directory (default: a tiny random demo checkpoint, made on first use)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("GLM47_API_KEY"),
+                   help="require this key (x-api-key or Authorization: Bearer); default $GLM47_API_KEY")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help=f"model name(s) clients may ask for; the first is reported (default: {DEFAULT_MODEL_NAME})")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched at once")
+    p.add_argument("--max-num-requests", type=int, default=1024,
+                   help="requests queued or running before new ones get 503 + Retry-After")
+    p.add_argument("--max-request-bytes", type=int, default=32 * 2**20, help="larger bodies get 413")
+    p.add_argument("--preserve-thinking", action="store_true",
+                   help="keep every turn's reasoning in the prompt unless a request says clear_thinking")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+
+
+def default_model_dir() -> Path:
+    """The demo checkpoint's directory, written on first use (atomically: a rename, so a concurrent start or
+    an interrupted write never leaves half a checkpoint)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glm47"
+    target = root / "default"
+    if (target / "config.json").is_file():
+        return target
+    from glm47.checkpoint.writer import init_checkpoint
+    from glm47.config import preset
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".default-"))
+    print(f"glm47 serve: writing the tiny demo checkpoint to {target}", file=sys.stderr)
+    init_checkpoint(preset("tiny-glm47"), tmp, seed=0, std=0.5)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from glm47.chat import Tokenizer
+    from glm47.engine.llm_engine import LLMEngine
+    from glm47.server.app import serve
+    from glm47.server.context import ServerConfig
+
+    model = Path(args.model) if args.model else default_model_dir()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    options = {k: v for k, v in (("kv_cache_tokens", args.kv_cache_tokens), ("max_model_len", args.max_model_len),
+                                 ("max_num_seqs", args.max_num_seqs)) if v is not None}
+    if "max_num_seqs" in options:  # keep EngineConfig's rule max_num_batched_tokens >= max_num_seqs
+        options["max_num_batched_tokens"] = max(2048, options["max_num_seqs"])
+    config = ServerConfig(served_model_names=args.served_model_name or [DEFAULT_MODEL_NAME], api_key=args.api_key,
+                          max_request_bytes=args.max_request_bytes, max_num_requests=args.max_num_requests,
+                          clear_thinking=not args.preserve_thinking)
+    engine = LLMEngine.from_path(model, dtype=getattr(torch, args.dtype), device=device, **options)
+    tokenizer = Tokenizer.from_dir(model)
+    print(f"glm47 serve: {model} as {', '.join(config.served_model_names)} on http://{args.host}:{args.port} "
+          f"({device}, context {engine.max_model_len}, KV pool {engine.pool_tokens} tokens)", file=sys.stderr)
+    serve(engine, tokenizer, config, host=args.host, port=args.port, log_level=args.log_level,
+          drain_timeout=args.drain_timeout)
+    return 0

@@ -1,0 +1,253 @@
+"""AsyncEngine: one thread owns the (not thread-safe) engine; asyncio handlers talk to it through queues.
+
+Handlers `submit` samples (prompt ids + SamplingParams) and get a RequestHandle whose asyncio queue receives
+each step's text; the engine thread does every engine call (add_request, step, abort), detokenizes and cuts
+stop strings (glm47/text_output.py), and hands outputs to the event loop with call_soon_threadsafe.
+Parsing reasoning and tool calls is the handlers' job. A bounded number of requests may be in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from glm47.chat import Tokenizer
+from glm47.engine.sampling import SamplingParams
+from glm47.server.metrics import Metrics
+from glm47.text_output import TextTrack
+
+log = logging.getLogger("glm47.server")
+
+
+class EngineOverloaded(Exception):
+    """Too many requests in flight: the caller should answer 503 with Retry-After."""
+
+
+class EngineDead(Exception):
+    """The engine thread stopped (an engine error or shutdown): no request can be served."""
+
+
+@dataclass(slots=True)
+class Output:
+    """What one engine step added to one sample of a request."""
+    index: int  # which sample of the submission
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # set on the sample's last output: 'stop' | 'length' | 'abort'
+    stop_string: str | None = None  # the stop string that ended it, if one did
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class _Live:
+    """Engine-thread state of one engine request."""
+    index: int
+    handle: RequestHandle
+    text: TextTrack
+    arrival: float
+    last: float | None = None  # when the previous tokens came (None: no token yet)
+
+
+@dataclass(slots=True)
+class RequestHandle:
+    """One submission (n samples) as seen by its handler: iterate with next(), stop it with abort()."""
+    request_ids: list[str]
+    num_prompt_tokens: list[int]
+    _engine: AsyncEngine
+    _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _open: int = 0  # samples not finished yet
+
+    @property
+    def finished(self) -> bool:
+        return self._open == 0
+
+    async def next(self, timeout: float | None = None) -> Output | None:
+        """The next output of any sample, None once every sample finished. Raises TimeoutError after
+        `timeout` seconds without one, EngineDead if the engine stopped."""
+        if self.finished and self._queue.empty():
+            return None
+        item = await asyncio.wait_for(self._queue.get(), timeout)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def abort(self) -> None:
+        """Stops every unfinished sample and frees its KV blocks (a no-op once all finished)."""
+        if not self.finished:
+            self._engine._send(("abort", self.request_ids))
+
+
+class AsyncEngine:
+    def __init__(self, engine, tokenizer: Tokenizer, metrics: Metrics, max_num_requests: int = 1024):
+        """engine: an LLMEngine or anything with its interface (add_request, step, abort, has_unfinished,
+        stats, eos_token_ids). max_num_requests: engine requests (samples) queued or running at once."""
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.max_num_requests = max_num_requests
+        self.num_requests = 0  # samples in flight (event-loop side count)
+        self.dead: str | None = None  # why the engine thread stopped
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._live: dict[str, _Live] = {}  # engine thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset(self.engine.eos_token_ids)
+
+    # ---- event-loop side ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="glm47-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Aborts whatever is still running and stops the engine thread."""
+        if self._thread is not None and self._thread.is_alive():
+            self._send(("stop",))
+            await asyncio.to_thread(self._thread.join)
+
+    async def submit(self, request_id: str, samples: list[tuple[list[int], SamplingParams]]) -> RequestHandle:
+        """Adds one engine request per sample; all or none. Raises ValueError (the engine rejected one),
+        EngineOverloaded or EngineDead."""
+        if self.dead:
+            raise EngineDead(self.dead)
+        if self.num_requests + len(samples) > self.max_num_requests:
+            raise EngineOverloaded(f"{self.num_requests} requests in flight (limit {self.max_num_requests})")
+        ids = [f"{request_id}-{k}" for k in range(len(samples))]
+        handle = RequestHandle(ids, [len(p) for p, _ in samples], self, _open=len(samples))
+        tracks = [TextTrack(self.tokenizer, params, self.eos_token_ids) for _, params in samples]
+        done = self._loop.create_future()
+        self.num_requests += len(samples)
+        self._send(("add", handle, samples, tracks, done))
+        try:
+            error = await asyncio.shield(done)
+        except asyncio.CancelledError:  # the client went away while we waited: don't leave orphans behind
+            self._send(("abort", ids))
+            raise
+        if error is not None:
+            raise error
+        return handle
+
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+
+    def _deliver(self, items: list[tuple[RequestHandle, Output | BaseException]]) -> None:
+        for handle, item in items:
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                handle._open -= 1
+                self.num_requests -= 1
+            handle._queue.put_nowait(item)
+
+    def _added(self, handle: RequestHandle, done: asyncio.Future, error: ValueError | None) -> None:
+        if error is not None:  # counted here, not in submit(): its caller may be gone (cancelled)
+            self.num_requests -= len(handle.request_ids)
+            handle._open = 0
+        if not done.done():
+            done.set_result(error)
+
+    def _call_soon(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed (interpreter shutdown): nobody is listening
+            pass
+
+    # ---- engine thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        stopping = False
+        while not stopping:
+            # Idle: sleep until a command comes. Busy: take what is there and step.
+            try:
+                command = self._commands.get(block=not engine.has_unfinished())
+            except queue.Empty:
+                command = None
+            out: list[tuple[RequestHandle, Output | BaseException]] = []
+            while command is not None:
+                stopping |= self._command(command, out)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if stopping:
+                self._abort([rid for rid in self._live], out)
+            try:
+                if engine.has_unfinished():
+                    self._step(out)
+                self.metrics.engine_stats(engine.stats())
+            except Exception as e:  # an engine bug: fail every request instead of hanging them
+                log.exception("engine step failed; the server can no longer generate")
+                self.dead = f"engine error: {type(e).__name__}: {e}"
+                out += [(live.handle, EngineDead(self.dead)) for live in self._live.values()]
+                self._live.clear()
+                stopping = True
+            if out:
+                self._call_soon(self._deliver, out)
+        if not self.dead:
+            self.dead = "the server is shutting down"
+
+    def _command(self, command: tuple, out: list) -> bool:
+        kind = command[0]
+        if kind == "add":
+            _, handle, samples, tracks, done = command
+            self._call_soon(self._added, handle, done, self._add(handle, samples, tracks))
+        elif kind == "abort":
+            self._abort(command[1], out)
+        return kind == "stop"
+
+    def _add(self, handle: RequestHandle, samples, tracks) -> ValueError | None:
+        now = time.monotonic()
+        added = []
+        for k, ((prompt, params), track, rid) in enumerate(zip(samples, tracks, handle.request_ids)):
+            try:
+                self.engine.add_request(prompt, params, request_id=rid)
+            except ValueError as e:
+                for r in added:  # all or none: a half-added submission would never be read
+                    self.engine.abort(r)
+                    del self._live[r]
+                return e
+            added.append(rid)
+            self._live[rid] = _Live(k, handle, track, now)
+            self.metrics.prompt_tokens.inc(len(prompt))
+        return None
+
+    def _abort(self, request_ids: list[str], out: list) -> None:
+        for rid in request_ids:
+            live = self._live.pop(rid, None)
+            if live is not None:
+                self.engine.abort(rid)  # frees its blocks now; the engine's own 'abort' notice is ignored
+                out.append((live.handle, Output(live.index, "", [], "abort")))
+                self.metrics.request_finished("abort")
+
+    def _step(self, out: list) -> None:
+        outputs = self.engine.step()
+        now = time.monotonic()
+        m = self.metrics
+        for o in outputs:
+            live = self._live.get(o.request_id)
+            if live is None:  # aborted or ended by a stop string already
+                continue
+            if o.new_token_ids:
+                m.generation_tokens.inc(len(o.new_token_ids))
+                if live.last is None:
+                    m.time_to_first_token.observe(now - live.arrival)
+                else:
+                    m.inter_token_latency.observe(now - live.last)
+                live.last = now
+            step = live.text.feed(o.new_token_ids, o.finished, o.finish_reason)
+            if step.abort:  # a stop string ended it: free its blocks now
+                self.engine.abort(o.request_id)
+            if step.done:
+                del self._live[o.request_id]
+                m.e2e_request_latency.observe(now - live.arrival)
+                m.request_finished(step.finish_reason)
+            out.append((live.handle, Output(live.index, step.text, o.new_token_ids, step.finish_reason,
+                                            live.text.stop_string if step.done else None, o.logprobs,
+                                            o.top_logprobs, o.num_cached_tokens)))

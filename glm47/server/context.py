@@ -1,0 +1,90 @@
+"""ServerConfig (what `glm47 serve` sets) and ServerContext, what every route shares: the async engine,
+tokenizer, metrics and config, plus the steps the OpenAI and Anthropic endpoints have in common (model-name
+check, prompt rendering off the event loop, submission with errors mapped to HTTP answers)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from glm47.chat import Tokenizer, render_ids
+from glm47.engine.sampling import SamplingParams
+from glm47.server.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestHandle
+from glm47.server.metrics import Metrics
+from glm47.server.protocol import ApiError, bad_request
+
+MIB = 2**20
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    served_model_names: list[str] = field(default_factory=lambda: ["glm-4.7"])  # the first is reported
+    api_key: str | None = None  # when set, /v1/* and /tokenize need it (x-api-key or Authorization: Bearer)
+    max_request_bytes: int = 32 * MIB  # larger bodies get 413; a 200K-token conversation is ~1 MB
+    max_num_requests: int = 1024  # engine requests (samples) queued or running; more get 503
+    # Default for requests that don't say; False keeps every turn's reasoning (Z.ai's coding endpoint).
+    clear_thinking: bool = True
+    keepalive_seconds: float = 10.0  # SSE keep-alive when no token came for this long (long prefills)
+    retry_after_seconds: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):
+            raise ValueError(f"served_model_names must be non-empty names, got {self.served_model_names!r}")
+        for name in ("max_request_bytes", "max_num_requests"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+
+
+class ServerContext:
+    def __init__(self, engine, tokenizer: Tokenizer, config: ServerConfig):
+        """engine: an LLMEngine or anything with its interface (see AsyncEngine)."""
+        self.config = config
+        self.tokenizer = tokenizer
+        self.metrics = Metrics(config.served_model_names[0])
+        self.engine = AsyncEngine(engine, tokenizer, self.metrics, config.max_num_requests)
+        self.max_model_len: int = engine.max_model_len
+        # A request must fit the context and the KV pool (a lone request never waits for more blocks).
+        self.limit = min(engine.max_model_len, getattr(engine, "pool_tokens", engine.max_model_len))
+        self.think_end_id = tokenizer.think_end_id
+        self.created = int(time.time())
+
+    @property
+    def model(self) -> str:
+        return self.config.served_model_names[0]
+
+    def model_name(self, requested: str | None) -> str:
+        """The name to answer with; 404 for a model this server does not serve (none given: the default)."""
+        if not requested:
+            return self.model
+        if requested in self.config.served_model_names:
+            return requested
+        raise ApiError(404, f"The model `{requested}` does not exist.", "model", "model_not_found")
+
+    async def render_chat(self, messages: list[dict], tools: list[dict] | None, enable_thinking: bool,
+                          clear_thinking: bool, add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids; in a worker thread, since tokenizing a long conversation takes a while."""
+        try:
+            return await asyncio.to_thread(render_ids, self.tokenizer, messages, tools,
+                                           enable_thinking=enable_thinking, clear_thinking=clear_thinking,
+                                           add_generation_prompt=add_generation_prompt)
+        except ValueError as e:  # glm47.chat names the place: "messages[3].tool_calls[0]: ..."
+            where = re.match(r"(messages|tools)(\[\d+\])?[\w.\[\]]*", str(e))
+            raise bad_request(str(e), where.group(0) if where else "messages") from None
+
+    async def submit(self, prefix: str, samples: list[tuple[list[int], SamplingParams]]) -> RequestHandle:
+        try:
+            return await self.engine.submit(f"{prefix}-{uuid.uuid4().hex[:8]}", samples)
+        except ValueError as e:  # the engine's own admission checks
+            raise bad_request(str(e)) from None
+        except EngineOverloaded as e:
+            raise ApiError(503, f"the server is busy ({e}); retry later", code="overloaded",
+                           headers={"Retry-After": str(self.config.retry_after_seconds)}) from None
+        except EngineDead as e:
+            raise ApiError(503, f"the engine is not running: {e}", code="engine_dead") from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:24]}"

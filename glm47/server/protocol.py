@@ -1,0 +1,262 @@
+"""Request bodies of the OpenAI-style endpoints (pydantic models) and their translation into what the engine
+and the chat template take: SamplingParams, messages, tools, thinking flags. Every problem with a request
+raises ApiError (status, message, param), which app.py turns into the OpenAI or Anthropic error body.
+Unknown fields are accepted and ignored, as OpenAI clients send many (user, store, metadata, ...)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from glm47.engine.sampling import SamplingParams
+
+# GLM-4.7's recommended sampling (model card; Z.ai API defaults), used when a request omits it.
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 0.95
+
+
+class ApiError(Exception):
+    """An HTTP error answer. `kind` overrides the error type the status implies (see app.error_body)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None, kind: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers, self.kind = headers, kind
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param, code)
+
+
+def parse_body(body: bytes, model: type[BaseModel]) -> Any:
+    """The JSON body validated as `model`; ApiError 400 naming the field for anything wrong."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        # For a field with several accepted types pydantic puts the failing type in the location: drop it.
+        loc = [p for p in err["loc"] if isinstance(p, int) or str(p).split("[")[0] not in _TYPE_TAGS]
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        raise bad_request(f"{param}: {err['msg']}" if param else err["msg"], param or None) from None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "literal", "none"}
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields are ignored, not rejected
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class ZaiThinking(Body):
+    """Z.ai's `thinking` field (also accepts Anthropic's shape: budget_tokens is ignored)."""
+    type: Literal["enabled", "disabled", "adaptive"] = "enabled"
+    clear_thinking: bool | None = None
+
+
+class ThinkingFields(Body):
+    # Every dialect clients use for GLM's thinking switches (API_NOTES §1.11); see thinking_flags().
+    thinking: ZaiThinking | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    enable_thinking: bool | None = None
+    clear_thinking: bool | None = None
+    reasoning_effort: str | None = None
+
+
+class SamplingFields(Body):
+    model: str | None = None
+    n: int = Field(1, ge=1, le=128)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[str, float] | None = None
+    do_sample: bool | None = None  # Z.ai: false means greedy
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingFields, ThinkingFields):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TokenizeRequest(ThinkingFields):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    max_tokens_field: str = "max_tokens") -> SamplingParams:
+    """One sample's SamplingParams (n is the caller's: n samples with seeds seed, seed+1, ...).
+    max_tokens_field: the request field max_tokens came from, which an error about it names."""
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported", "logit_bias")
+    temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+    if req.do_sample is False:
+        temperature = 0.0
+    kw = dict(temperature=temperature, top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p,
+              top_k=req.top_k or 0, min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
+              presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+              seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
+              stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+              skip_special_tokens=req.skip_special_tokens,
+              include_stop_str_in_output=req.include_stop_str_in_output)
+    try:
+        return SamplingParams(**kw)
+    except ValueError as e:  # SamplingParams names the field first: "max_tokens must be >= 1, got -1"
+        message = str(e)
+        field = message.split(" ", 1)[0]
+        if field == "max_tokens":  # say max_completion_tokens when that is what the client sent
+            field, message = max_tokens_field, max_tokens_field + message[len("max_tokens"):]
+        raise bad_request(message, field if field in kw or field == max_tokens_field else None) from None
+
+
+def samples(prompt: list[int], params: SamplingParams, n: int) -> list[tuple[list[int], SamplingParams]]:
+    """n engine requests for one prompt: distinct seeds keep seeded samples different and reproducible."""
+    return [(prompt, params if params.seed is None or k == 0 else replace(params, seed=params.seed + k))
+            for k in range(n)]
+
+
+def thinking_flags(req: ThinkingFields, default_clear: bool) -> tuple[bool, bool]:
+    """(enable_thinking, clear_thinking). GLM-4.7 thinks by default; later sources override earlier ones:
+    reasoning_effort "none" < top-level enable/clear_thinking < Z.ai `thinking` < chat_template_kwargs."""
+    enable, clear = True, default_clear
+    if req.reasoning_effort is not None:
+        enable = req.reasoning_effort != "none"
+    enable = enable if req.enable_thinking is None else req.enable_thinking
+    clear = clear if req.clear_thinking is None else req.clear_thinking
+    if req.thinking is not None:
+        enable = req.thinking.type != "disabled"
+        clear = clear if req.thinking.clear_thinking is None else req.thinking.clear_thinking
+    for key in ("enable_thinking", "clear_thinking"):
+        value = (req.chat_template_kwargs or {}).get(key)
+        if value is not None and not isinstance(value, bool):
+            raise bad_request(f"chat_template_kwargs.{key} must be true or false, got {value!r}",
+                              f"chat_template_kwargs.{key}")
+    kw = req.chat_template_kwargs or {}
+    enable = enable if kw.get("enable_thinking") is None else kw["enable_thinking"]
+    clear = clear if kw.get("clear_thinking") is None else kw["clear_thinking"]
+    return enable, clear
+
+
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI messages as the template takes them: `developer` is a system message; only text parts.
+    (Roles, reasoning fields and tool calls are checked by glm47.chat when the prompt is rendered.)"""
+    out = []
+    for i, m in enumerate(messages):
+        if m.get("role") == "developer":
+            m = {**m, "role": "system"}
+        content = m.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type", "text") != "text":
+                    raise bad_request(f"messages[{i}].content[{j}]: only text parts are supported by this model, "
+                                      f"got {part.get('type')!r}", f"messages[{i}].content[{j}]")
+        out.append(m)
+    return out
+
+
+def chat_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict | None) -> list[dict] | None:
+    """The tools the prompt shows and the parser accepts (None: no tools)."""
+    if tool_choice not in (None, "auto", "none"):
+        # Forcing a call needs constrained decoding, which the engine does not have yet.
+        raise bad_request(f"tool_choice {json.dumps(tool_choice)} is not supported; use 'auto' or 'none'",
+                          "tool_choice")
+    if not tools or tool_choice == "none":
+        return None
+    for i, tool in enumerate(tools):
+        fn = tool.get("function")
+        if tool.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise bad_request(f"tools[{i}]: only {{'type': 'function', 'function': {{...}}}} tools are supported",
+                              f"tools[{i}]")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad_request(f"tools[{i}].function.name must be a non-empty string", f"tools[{i}].function.name")
+    return tools
+
+
+def check_response_format(response_format: dict[str, Any] | None) -> None:
+    kind = (response_format or {}).get("type", "text")
+    if kind != "text":
+        raise bad_request(f"response_format {kind!r} is not supported yet (it needs constrained decoding)",
+                          "response_format")
+
+
+def max_tokens_of(req: ChatCompletionRequest) -> tuple[int | None, str]:
+    """(the reply's token limit, the field that set it). Cline sends max_completion_tokens, Roo Code
+    max_tokens; the newer name wins."""
+    if req.max_completion_tokens is not None:
+        return req.max_completion_tokens, "max_completion_tokens"
+    return req.max_tokens, "max_tokens"
+
+
+def context_error(num_prompt: int, max_tokens: int | None, limit: int, max_tokens_field: str = "max_tokens",
+                  prompt_field: str = "messages") -> ApiError | None:
+    """The OpenAI-style context-length error (OpenAI's and vLLM's wording, which clients match), or None if
+    it fits. `param` names what to shrink: the prompt when it alone fills the context, else max_tokens."""
+    if max_tokens is None:
+        if num_prompt < limit:
+            return None
+        message = (f"This model's maximum context length is {limit} tokens. However, your messages resulted "
+                   f"in {num_prompt} tokens. Please reduce the length of the messages.")
+        return bad_request(message, prompt_field, "context_length_exceeded")
+    if num_prompt + max(max_tokens, 1) <= limit:
+        return None
+    message = (f"This model's maximum context length is {limit} tokens. However, you requested "
+               f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the "
+               f"completion). Please reduce the length of the messages or completion.")
+    if num_prompt >= limit:
+        return bad_request(message, prompt_field, "context_length_exceeded")
+    message += f" With these messages {max_tokens_field} can be at most {limit - num_prompt}."
+    return bad_request(message, max_tokens_field, "context_length_exceeded")

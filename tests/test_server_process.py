@@ -1,0 +1,122 @@
+"""`glm47 serve` as a real process on a tiny random checkpoint, driven by the official openai and anthropic
+clients: chat whole and streamed (with the include_usage chunk), messages (also on ?beta=true) and
+count_tokens, --api-key enforced, and SIGTERM draining a stream in flight before a clean exit (code 0)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import anthropic
+import httpx
+import openai
+import pytest
+from test_server_util import chunks, free_port
+
+from glm47.checkpoint.writer import init_checkpoint
+from glm47.config import preset
+
+KEY = "sk-process-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+USER = [{"role": "user", "content": "Say something."}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-glm47")
+    init_checkpoint(preset("tiny-glm47"), path, seed=0, std=0.5)
+    port = free_port()
+    log = open(path / "serve.log", "w+")
+    command = [sys.executable, "-m", "glm47.cli.main", "serve", "--model", str(path), "--port", str(port),
+               "--dtype", "float32", "--kv-cache-tokens", "2048", "--api-key", KEY, "--log-level", "warning",
+               "--drain-timeout", "30"]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, f"glm47 serve did not start: {read(log)}"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url, proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def read(log) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()
+
+
+def test_the_openai_client_chats_whole_and_streamed(server):
+    client = openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    out = client.chat.completions.create(model="glm-4.7", messages=USER, max_tokens=8,
+                                         extra_body={"ignore_eos": True})
+    assert out.object == "chat.completion" and out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 8 and out.usage.prompt_tokens > 0
+    msg = out.choices[0].message
+    assert msg.role == "assistant" and (msg.model_extra["reasoning_content"] or "") + (msg.content or "")
+    stream = list(client.chat.completions.create(model="glm-4.7", messages=USER, max_tokens=8, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in stream if c.choices][-1] == "length"
+    assert stream[-1].choices == [] and stream[-1].usage.completion_tokens == 8
+    assert stream[-1].usage.prompt_tokens == out.usage.prompt_tokens
+
+
+def test_the_anthropic_client_creates_messages_and_counts_tokens(server):
+    client = anthropic.Anthropic(base_url=server[0], api_key=KEY, max_retries=0, timeout=30)
+    # Greedy, so the reply is the same every run (it picks no stop id in its first 8 tokens).
+    out = client.messages.create(model="glm-4.7", max_tokens=8, temperature=0, messages=USER)
+    assert out.type == "message" and out.stop_reason == "max_tokens" and out.usage.output_tokens == 8
+    counted = client.messages.count_tokens(model="glm-4.7", messages=USER).input_tokens
+    assert counted == out.usage.input_tokens + out.usage.cache_read_input_tokens > 0
+    beta = client.beta.messages.create(model="glm-4.7", max_tokens=8, temperature=0, messages=USER)  # ?beta=true
+    assert beta.stop_reason == "max_tokens" and [b.model_dump() for b in beta.content][-1] == \
+        [b.model_dump() for b in out.content][-1]
+
+
+def test_api_key_is_required(server):
+    url = server[0]
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": USER})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(url + "/v1/messages", json={"model": "glm-4.7", "max_tokens": 5, "messages": USER})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(url + "/health").status_code == 200  # probes need no key
+
+
+def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(server):
+    url, proc, log = server
+    body = {"messages": USER, "stream": True, "max_tokens": 120, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=AUTH, timeout=30) as r:
+        lines = r.iter_lines()
+        head = [next(lines) for _ in range(4)]  # the role chunk and the first token
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while True:  # new connections are refused at once, while the old stream goes on
+            assert time.monotonic() < deadline, "the server kept accepting connections after SIGTERM"
+            try:
+                httpx.get(url + "/health", timeout=1)
+            except httpx.ConnectError:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None  # still draining
+        cs = chunks(head + list(lines))
+    assert [c["choices"][0]["finish_reason"] for c in cs if c["choices"]][-1] == "length"
+    assert sum(1 for c in cs if c["choices"] and c["choices"][0]["finish_reason"] is None) > 1
+    assert json.loads(json.dumps(cs[-1]))["usage"]["completion_tokens"] == 120
+    assert proc.wait(timeout=30) == 0, read(log)
+    assert "Traceback" not in read(log)
