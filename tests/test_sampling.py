@@ -237,3 +237,22 @@ def test_min_tokens_above_max_tokens_is_rejected():
     with pytest.raises(ValueError, match="min_tokens=5 must be <= max_tokens=4"):
         SamplingParams(min_tokens=5, max_tokens=4)
     assert SamplingParams(min_tokens=5, max_tokens=None).min_tokens == 5
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])  # flat rows (the candidates fall short of p) to peaked ones
+def test_fast_top_p_equals_sorting_the_whole_vocabulary(scale):
+    from glm47.engine.sampling import TOP_P_CANDIDATES, top_p_filter_sorted
+
+    g = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(6, 8 * TOP_P_CANDIDATES, generator=g) * scale
+    p = torch.tensor([0.1, 0.5, 0.9, 0.95, 0.999, 1.0])
+    fast, slow = top_p_filter(logits, p), top_p_filter_sorted(logits, p)
+    assert torch.equal(fast, slow)
+    assert kept(fast[:1]) and len(kept(fast[-1:])[0]) == logits.shape[1]  # p = 1 keeps everything
+
+
+def test_top_k_filter_with_mixed_k_keeps_exactly_k_per_row():
+    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0))
+    out = top_k_filter(logits, torch.tensor([1, 50, 0]))
+    assert [int(torch.isfinite(r).sum()) for r in out] == [1, 50, 5000]
+    assert int(out[1].argmax()) == int(logits[1].argmax())

@@ -112,6 +112,25 @@ def test_thinking_disabled_system_folding_and_stop_sequences(server, client):
     assert out.stop_reason == "max_tokens" and out.usage.output_tokens == 3
 
 
+def test_a_zero_argument_tool_use_has_empty_input_on_the_beta_path(server, client):
+    tools = [{"name": "now", "input_schema": {"type": "object", "properties": {}}}]
+    out = client.beta.messages.create(model=MODEL, max_tokens=50, tools=tools, messages=user("SCRIPT:zero"))
+    assert out.stop_reason == "tool_use" and (out.content[-1].name, out.content[-1].input) == ("now", {})
+    body = {"model": MODEL, "max_tokens": 50, "stream": True, "tools": tools, "messages": user("SCRIPT:zero")}
+    with httpx.stream("POST", server[0] + "/v1/messages?beta=true", json=body, headers={"x-api-key": KEY}) as r:
+        events = [json.loads(d) for _, d in sse_messages(r.iter_lines())]
+    parts = [e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"
+             and e["delta"]["type"] == "input_json_delta"]
+    assert "".join(parts) == "{}"  # the JSON of an empty input, never nothing
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_max_tokens_is_the_stop_reason_streamed_too(client):
+    with client.messages.stream(model=MODEL, max_tokens=3, messages=user("SCRIPT:plain")) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 3
+
+
 def test_count_tokens_is_the_prompt_length(server, client):
     _, engine, _ = server
     kw = dict(model=MODEL, tools=TOOLS, system="You help.", messages=user("SCRIPT:plain"))
@@ -151,3 +170,20 @@ def test_errors_have_anthropics_body_and_wording(server, client):
     for body, words in cases:
         r = httpx.post(server[0] + "/v1/messages", json=body, headers={"x-api-key": KEY})
         assert r.status_code == 400 and r.json()["type"] == "error" and words in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("method, path, body, status, kind", [
+    ("POST", "/v1/messages", b"{oops", 400, "invalid_request_error"),
+    ("POST", "/v1/messages?beta=true", b'{"model": "glm-4.7", "max_tokens": 5, "messages": []}', 400,
+     "invalid_request_error"),
+    ("POST", "/v1/messages/count_tokens", b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}',
+     404, "not_found_error"),
+    ("POST", "/v1/messages/nothing-here", b"{}", 404, "not_found_error"),
+    ("GET", "/v1/messages", None, 405, "invalid_request_error"),
+])
+def test_every_error_has_the_anthropic_body_shape(server, method, path, body, status, kind):
+    r = httpx.request(method, server[0] + path, content=body, headers={"x-api-key": KEY,
+                                                                       "content-type": "application/json"})
+    assert r.status_code == status and set(r.json()) == {"type", "error"} and r.json()["type"] == "error", r.text
+    err = r.json()["error"]
+    assert set(err) == {"type", "message"} and err["type"] == kind and err["message"], err

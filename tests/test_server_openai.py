@@ -16,6 +16,7 @@ from glm47.server.context import ServerConfig
 from glm47.server.scripted import ScriptedEngine
 
 KEY = "sk-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_zero_argument_and_parallel_calls(server):
         assert json.loads("".join(tc["function"]["arguments"] for tc in calls if tc["index"] == i)) == {"city": city}
 
 
-@pytest.mark.parametrize("name", ["tool", "two", "plain", "long"])
+@pytest.mark.parametrize("name", ["tool", "zero", "two", "plain", "long"])
 def test_streaming_equals_non_streaming(client, name):
     kw = dict(model="glm-4.7", messages=user(f"SCRIPT:{name}"), tools=TOOLS, seed=7, max_tokens=2000)
     whole = client.chat.completions.create(**kw)
@@ -102,6 +103,24 @@ def test_streaming_equals_non_streaming(client, name):
     assert list(parts["calls"].values()) == [{"name": c.function.name, "arguments": c.function.arguments}
                                              for c in msg.tool_calls or []]
     assert reason == whole.choices[0].finish_reason
+
+
+def test_a_zero_argument_call_has_empty_object_arguments_when_whole(client):
+    out = client.chat.completions.create(model="glm-4.7", messages=user("SCRIPT:zero"), tools=TOOLS)
+    (call,) = out.choices[0].message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("now", "{}")
+    assert out.choices[0].finish_reason == "tool_calls"
+
+
+def test_max_tokens_ends_the_reply_with_length(client):
+    out = client.chat.completions.create(model="glm-4.7", messages=user("SCRIPT:plain"), max_tokens=3)
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
+    out = client.chat.completions.create(model="glm-4.7", messages=user("SCRIPT:plain"), max_completion_tokens=2)
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 2
+    stream = list(client.chat.completions.create(model="glm-4.7", messages=user("SCRIPT:plain"), max_tokens=3,
+                                                 stream=True))
+    assert [c.choices[0].finish_reason for c in stream] == [None] * (len(stream) - 1) + ["length"]
+    assert stream[-1].usage.completion_tokens == 3  # Z.ai-style: usage on the last chunk, no include_usage
 
 
 def test_the_sdks_stream_helper_assembles_calls_without_duplicates(client):
@@ -203,6 +222,22 @@ def test_errors_have_the_openai_body(server, body, status, param, words):
     err = r.json()["error"]
     assert r.status_code == status and err["param"] == param and words in err["message"], r.text
     assert set(err) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("method, path, body, status", [
+    ("POST", "/v1/chat/completions", b"{oops", 400),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "n": 0}', 400),
+    ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 100000}', 400),
+    ("POST", "/v1/chat/completions", b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404),
+    ("GET", "/v1/models/nope", None, 404),
+    ("POST", "/v1/nothing-here", b"{}", 404),
+    ("GET", "/v1/chat/completions", None, 405),
+])
+def test_every_error_has_the_openai_body_shape(server, method, path, body, status):
+    r = httpx.request(method, server[0] + path, content=body, headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == status and set(r.json()) == {"error"}, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["type"], err
 
 
 def test_errors_through_the_official_client(server, client):

@@ -160,7 +160,9 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         field = message.split(" ", 1)[0]
         if field == "max_tokens":  # say max_completion_tokens when that is what the client sent
             field, message = max_tokens_field, max_tokens_field + message[len("max_tokens"):]
-        raise bad_request(message, field if field in kw or field == max_tokens_field else None) from None
+        elif field not in kw:
+            field = None
+        raise bad_request(message, field) from None
 
 
 def samples(prompt: list[int], params: SamplingParams, n: int) -> list[tuple[list[int], SamplingParams]]:
