@@ -8,6 +8,7 @@ bandwidth. Weights are cycled through enough copies (>= 256 MB) that they come f
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -22,20 +23,24 @@ from glm47.model.moe import Experts, select_experts
 COPY_BYTES = 256 << 20
 
 
-def best_time(fn, n_calls: int, repeat: int) -> float:
-    """Seconds per call: the best of `repeat` passes of n_calls calls."""
-    fn(0)
+def best_time(fn, calls: list[tuple], repeat: int) -> float:
+    """Seconds per call of fn(*args) over the argument tuples in `calls`: the best of `repeat` passes."""
+    fn(*calls[0])
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
-        for i in range(n_calls):
-            fn(i)
-        best = min(best, (time.perf_counter() - t) / n_calls)
+        for args in calls:
+            fn(*args)
+        best = min(best, (time.perf_counter() - t) / len(calls))
     return best
 
 
 def copies(make, nbytes: int) -> list:
     return [make() for _ in range(max(1, -(-COPY_BYTES // nbytes)))]
+
+
+def torch_experts(layer: Experts, x, weights, ids):
+    return layer(x, weights, ids)
 
 
 def bench_linear(rows: list[int], repeat: int) -> None:
@@ -46,14 +51,14 @@ def bench_linear(rows: list[int], repeat: int) -> None:
               "dense down": (H, c.intermediate_size), "shared down": (H, c.moe_intermediate_size)}
     print(f"{'linear (N, K)':28s}{'rows':>5s}{'kernel':>9s}{'torch':>9s}{'no-dnn':>9s}  GB/s of weights")
     for name, (N, K) in shapes.items():
-        ws = copies(lambda: torch.randn(N, K).bfloat16(), N * K * 2)
+        ws = copies(functools.partial(torch.randn, N, K, dtype=torch.bfloat16), N * K * 2)
         for M in rows:
             x = torch.randn(M, K).bfloat16()
-            n = len(ws)
-            k = best_time(lambda i: kernels.linear(x, ws[i % n]), n, repeat)
-            t = best_time(lambda i: F.linear(x, ws[i % n]), n, repeat)
+            calls = [(x, w) for w in ws]
+            k = best_time(kernels.linear, calls, repeat)
+            t = best_time(F.linear, calls, repeat)
             torch.backends.mkldnn.enabled = False
-            t0 = best_time(lambda i: F.linear(x, ws[i % n]), n, repeat)
+            t0 = best_time(F.linear, calls, repeat)
             torch.backends.mkldnn.enabled = True
             gb = N * K * 2 / 1e9
             print(f"{name + f' {(N, K)}':28s}{M:5d}{gb / k:9.1f}{gb / t:9.1f}{gb / t0:9.1f}")
@@ -62,26 +67,25 @@ def bench_linear(rows: list[int], repeat: int) -> None:
 def bench_experts(tokens: list[int], repeat: int) -> None:
     c = preset("bench")
     E, H, I, K = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
-    layers = copies(lambda: Experts(E, H, I).bfloat16().requires_grad_(False), E * 3 * H * I * 2)
+    layers = copies(functools.partial(Experts, E, H, I), E * 3 * H * I * 2)
     for ex in layers:
+        ex.bfloat16().requires_grad_(False)
         torch.nn.init.normal_(ex.w13, std=0.02)
         torch.nn.init.normal_(ex.w2, std=0.02)
-    n = len(layers)
     print(f"\n{'routed experts (E, H, I, K)':28s}{'tokens':>6s}{'experts':>8s}{'kernel':>9s}{'torch':>9s}  GB/s of "
           f"active expert weights (ms per layer)")
     for T in tokens:
         x = torch.randn(T, H).bfloat16()
         weights, ids = select_experts(torch.randn(T, E), torch.zeros(E), K, 1, 1, True, 1.0)
         active = ids.unique().numel()
-        k = best_time(lambda i: kernels.routed_experts(x, layers[i % n].w13, layers[i % n].w2, weights, ids), n,
-                      repeat)
+        k = best_time(kernels.routed_experts, [(x, ex.w13, ex.w2, weights, ids) for ex in layers], repeat)
         os.environ["GLM47_KERNELS"] = "0"
         torch.backends.mkldnn.enabled = T > 2  # as model_runner runs it
-        t = best_time(lambda i: layers[i % n](x, weights, ids), n, repeat)
+        t = best_time(torch_experts, [(ex, x, weights, ids) for ex in layers], repeat)
         torch.backends.mkldnn.enabled = True
         os.environ.pop("GLM47_KERNELS")
         gb = active * 3 * H * I * 2 / 1e9
-        print(f"{str((E, H, I, K)):28s}{T:6d}{active:8d}{gb / k:9.1f}{gb / t:9.1f}  ({k * 1e3:.2f} vs {t * 1e3:.2f})")
+        print(f"{(E, H, I, K)!s:28s}{T:6d}{active:8d}{gb / k:9.1f}{gb / t:9.1f}  ({k * 1e3:.2f} vs {t * 1e3:.2f})")
 
 
 def main() -> None:

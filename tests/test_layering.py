@@ -14,9 +14,10 @@ ALLOWED = {
     "parsers": set(),
     "chat": {"config"},
     "planner": {"config"},
-    "model": {"config", "distributed"},
+    "kernels": set(),
+    "model": {"config", "distributed", "kernels"},
     "checkpoint": {"config", "model", "distributed"},
-    "engine": {"config", "model", "checkpoint", "distributed", "planner"},
+    "engine": {"config", "model", "checkpoint", "distributed", "planner", "kernels"},
     "training": {"config", "model", "checkpoint", "chat", "distributed", "tools"},
     "tools": set(),
 }

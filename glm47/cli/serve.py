@@ -1,14 +1,12 @@
 """`glm47 serve`: OpenAI- and Anthropic-compatible HTTP server over one engine (FastAPI + uvicorn).
-Without --model it serves a tiny random GLM-4.7-shaped checkpoint (real tokenizer, gibberish text), written
-once under $XDG_CACHE_HOME/glm47/default (else ~/.cache/glm47/default): a demo needing no download."""
+Without --model it serves the embedded nano GLM-4.7 (glm47/assets), which thinks and calls the built-in tools:
+a working demo with no download."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "glm-4.7"
@@ -19,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Serves /v1/chat/completions, /v1/completions, /v1/messages (Claude Code), "
                                    "/v1/messages/count_tokens, /v1/models, /tokenize, /detokenize, /health and "
                                    "/metrics. SIGTERM lets in-flight requests finish, then exits.")
-    p.add_argument("--model", help="checkpoint directory (default: a tiny random demo checkpoint, made on first use)")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded nano GLM-4.7, glm47/assets)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("GLM47_API_KEY"),
@@ -42,36 +40,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def default_model_dir() -> Path:
-    """The demo checkpoint's directory, written on first use (atomically: a rename, so a concurrent start or
-    an interrupted write never leaves half a checkpoint)."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glm47"
-    target = root / "default"
-    if (target / "config.json").is_file():
-        return target
-    from glm47.checkpoint.writer import init_checkpoint
-    from glm47.config import preset
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".default-"))
-    print(f"glm47 serve: writing the tiny demo checkpoint to {target}", file=sys.stderr)
-    init_checkpoint(preset("tiny-glm47"), tmp, seed=0, std=0.5)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from glm47.assets import default_model_path
     from glm47.chat import Tokenizer
     from glm47.engine.llm_engine import LLMEngine
     from glm47.server.app import serve
     from glm47.server.context import ServerConfig
 
-    model = Path(args.model) if args.model else default_model_dir()
+    model = Path(args.model) if args.model else default_model_path()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = {k: v for k, v in (("kv_cache_tokens", args.kv_cache_tokens), ("max_model_len", args.max_model_len),
                                  ("max_num_seqs", args.max_num_seqs)) if v is not None}

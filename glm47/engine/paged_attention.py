@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from glm47 import kernels
 from glm47.model.kv_cache import sdpa
 
 
@@ -48,9 +49,13 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, k: Tensor, 
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, mask: Tensor | None,
-                     length: int) -> Tensor:
+                     length: int, lens: Tensor) -> Tensor:
     """One query per sequence. q: (B, H, D); block_tables: (B, nb); mask: (B, 1, 1, nb * block_size) True
-    where a key exists, or None with B == 1 (then the first `length` keys are used) -> (B, H, D)."""
+    where a key exists, or None with B == 1 (then the first `length` keys are used); lens: (B,) keys each
+    query sees -> (B, H, D). bf16 on an AVX512-BF16 CPU reads the blocks in place (glm47.kernels) instead of
+    gathering them for SDPA, its twin."""
+    if kernels.fits(q, k_cache) and q.shape[-1] % 32 == 0:
+        return kernels.decode_attention(q, k_cache, v_cache, block_tables, lens)
     B, H, D = q.shape
     Hkv = k_cache.shape[2]
     k = k_cache[block_tables].flatten(1, 2)  # (B, S, Hkv, D), padded rows point at real (finite) blocks
@@ -101,6 +106,7 @@ class ForwardBatch:
     decode_block_tables: Tensor | None  # (num_decodes, max blocks), short rows padded with block 0
     decode_mask: Tensor | None  # (num_decodes, 1, 1, max blocks * block_size); None when num_decodes <= 1
     decode_len: int  # keys of the single decode when num_decodes == 1
+    decode_lens: Tensor | None  # (num_decodes,) keys each decode sees
     prefills: list[PrefillChunk]
 
     @classmethod
@@ -121,18 +127,19 @@ class ForwardBatch:
         d = 0
         while d < len(query_lens) and query_lens[d] == 1:
             d += 1
-        tables = mask = None
+        tables = mask = decode_lens = None
         length = 0
         if d:
             lens = [c + 1 for c in context_lens[:d]]  # keys each decode sees, itself included
             width = -(-max(lens) // bs)
             tables = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in block_tables[:d]],
                                   dtype=torch.long, device=dev)
+            decode_lens = torch.tensor(lens, dtype=torch.long, device=dev)
             if d == 1:
                 length = lens[0]
             else:
                 keys = torch.arange(width * bs, device=dev)
-                mask = (keys < torch.tensor(lens, device=dev)[:, None])[:, None, None, :]
+                mask = (keys < decode_lens[:, None])[:, None, None, :]
         prefills, start = [], d
         for table, ctx, n in zip(block_tables[d:], context_lens[d:], query_lens[d:]):
             chunk = PrefillChunk(start, start + n, ctx, None, None)
@@ -144,7 +151,7 @@ class ForwardBatch:
             prefills.append(chunk)
             start += n
         slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
-        return cls(kv, slot_mapping, d, tables, mask, length, prefills)
+        return cls(kv, slot_mapping, d, tables, mask, length, decode_lens, prefills)
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q: (1, T, H, D); k, v: (1, T, Hkv, D) -> (1, T, H, D). All K/V are written before any attention
@@ -155,11 +162,11 @@ class ForwardBatch:
         d = self.num_decodes
         if not self.prefills:
             return decode_attention(q, k_cache, v_cache, self.decode_block_tables, self.decode_mask,
-                                    self.decode_len)[None]
+                                    self.decode_len, self.decode_lens)[None]
         out = torch.empty_like(q)
         if d:
             out[:d] = decode_attention(q[:d], k_cache, v_cache, self.decode_block_tables, self.decode_mask,
-                                       self.decode_len)
+                                       self.decode_len, self.decode_lens)
         for c in self.prefills:
             out[c.start:c.end] = prefill_attention(q[c.start:c.end], k[c.start:c.end], v[c.start:c.end],
                                                    k_cache, v_cache, c)

@@ -1,10 +1,10 @@
-"""Hand-written CPU kernels for decode steps of a bf16 model (cpu_bf16.cpp): a skinny linear that streams the
-weight once for a few rows, and the routed experts of a MoE layer in one call. Compiled with
-torch.utils.cpp_extension on first use and cached in torch's extension directory.
+"""Hand-written CPU kernels for a bf16 model's decode steps (cpu_bf16.cpp): a skinny linear that streams the
+weight once for a few rows, the routed experts of a MoE layer in one call, and one-query attention over the
+paged KV cache. Compiled with torch.utils.cpp_extension on first use, cached in torch's extension directory.
 
 They only replace torch code, never add behaviour: `fits` says when they apply (CPU, bf16, AVX512-BF16, few
-rows, no autograd, GLM47_KERNELS not 0, the build worked), and otherwise the torch path runs. That torch path
-is their reference: tests/test_kernels.py holds the two equal.
+enough rows, no autograd, GLM47_KERNELS not 0, the build worked), and otherwise the torch path runs. That
+torch path is their reference, rounding at the same points: tests/test_kernels.py holds the two equal.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-# Most rows (tokens) each kernel takes; above them torch's GEMM (oneDNN) is as fast or faster. Measured on a
-# 2-core AVX512-BF16 EPYC with the `bench` model's shapes (see benchmarks/bench_kernels.py).
-LINEAR_MAX_ROWS = 16
-EXPERTS_MAX_TOKENS = 16
+# Most rows (tokens) each kernel takes. Measured on a 2-core AVX512-BF16 EPYC (no AMX) with the `bench` model's
+# shapes (benchmarks/bench_kernels.py): the linear beats oneDNN 1.1-2.2x up to 16 rows and ~1.3x at 32 (but
+# 0.93x for K=3072), ties at 64 and loses from 128 on (oneDNN's packed GEMM is better once compute-bound); the
+# routed experts beat the grouped torch path at every size tried, 1 to 2,048 tokens (2-3x below 512, 1.6x at
+# 2,048), so they take prefill chunks too.
+LINEAR_MAX_ROWS = 32
+EXPERTS_MAX_TOKENS = 4096
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -43,6 +46,7 @@ def extension():
     """The compiled module, or None on a CPU without AVX512-BF16 or when it cannot be built (one warning)."""
     if not cpu_has_avx512_bf16():
         return None
+    log.info("glm47.kernels: loading the CPU kernels (built on first use, ~1 min, then cached)")
     try:
         from torch.utils.cpp_extension import load
 
@@ -62,11 +66,11 @@ def enabled() -> bool:
     return os.environ.get("GLM47_KERNELS", "1") != "0"
 
 
-def fits(x: Tensor, weight: Tensor, max_rows: int) -> bool:
-    """Whether the kernels take this call: CPU bf16 activations and weights, at most `max_rows` rows of x,
-    nothing that autograd must see, and the kernels enabled and built."""
+def fits(x: Tensor, weight: Tensor, max_rows: int | None = None) -> bool:
+    """Whether the kernels take this call: CPU bf16 activations and weights (or cache), at most `max_rows` rows
+    of x (any without), nothing that autograd must see, and the kernels enabled and built."""
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and x.numel() <= max_rows * x.shape[-1]
+            and (max_rows is None or x.numel() <= max_rows * x.shape[-1])
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and enabled() and extension() is not None)
 
@@ -81,3 +85,9 @@ def routed_experts(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Ten
     """x (N, H) bf16, stacked experts w13 (E, 2I, H) and w2 (E, H, I), routing weights (N, K) float32 and
     expert ids (N, K) -> sum_k weights[:, k] * expert_{ids[:, k]}(x), (N, H) bf16. The caller checks `fits`."""
     return extension().routed_experts(x.contiguous(), w13, w2, weights, ids)
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lens: Tensor) -> Tensor:
+    """q (B, H, D) bf16, one query per sequence; caches (num_blocks, block_size, Hkv, D); block_tables (B, W);
+    lens (B,) keys each query sees -> (B, H, D), softmax(q k^T / sqrt(D)) v per head. D a multiple of 32."""
+    return extension().decode_attention(q.contiguous(), k_cache, v_cache, block_tables, lens, q.shape[-1] ** -0.5)

@@ -5,6 +5,7 @@
 //                  speed instead of torch's ~10-17 GB/s bf16 GEMV.
 // routed_experts:  the routed-expert part of a MoE layer in one call: group token copies by expert, gate/up
 //                  projection + SiLU-and-multiply, down projection, weighted sum over each token's K experts.
+// decode_attention: one query per sequence over the paged KV cache, read in place (no gather), GQA.
 //
 // Numerics follow the torch path in glm47/model (its slow twin): every projection rounds its float32 sum to bf16
 // once; silu(gate) and silu(gate) * up are each rounded to bf16; the expert outputs are weighted and summed in
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -56,17 +58,21 @@ inline __m512 reduce16(const __m512* v) {
   return _mm512_permutexvar_ps(order, r);
 }
 
-// out[4 * m + j] = dot(x[m], W row j) for m < MT rows of x and the 4 rows of W given by pointer (all K long).
-// With pf, also prefetches the 4 rows at pf (the next block) into L1, so that memory works during the compute.
+// out[4 * m + j] = dot(x[m], W row j) for m < MT rows of x and the 4 rows of W given by pointer (all K long):
+// 16 independent dpbf16 chains at MT = 4. Meanwhile it prefetches the pf_bytes at pf into L1, a few lines per
+// k step in address order: the caller spreads the next block over its tiles, so that memory streams while
+// the tiles compute (one sequential stream; the 4 rows read side by side alone get ~2/3 of the bandwidth).
 template <int MT>
-inline void dot_tile(const bf16* x, int64_t ldx, const bf16* const* w, int64_t K, float* out, const bf16* const* pf) {
+inline void dot_tile(const bf16* x, int64_t ldx, const bf16* const* w, int64_t K, float* out, const char* pf,
+                     int64_t pf_bytes) {
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t steps = std::max<int64_t>(K / 32, 1);
+  const int64_t per_step = (pf_bytes / 64 + steps - 1) / steps * 64;  // bytes prefetched per k step
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
+  for (const char* p = pf; k + 32 <= K; k += 32, p += per_step) {
+    for (int64_t off = 0; off < per_step; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
     const __m512bh w0 = load_bh(w[0] + k), w1 = load_bh(w[1] + k), w2 = load_bh(w[2] + k), w3 = load_bh(w[3] + k);
-    if (pf)
-      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(pf[j] + k), _MM_HINT_T0);
     for (int m = 0; m < MT; ++m) {
       const __m512bh a = load_bh(x + m * ldx + k);
       acc[4 * m + 0] = _mm512_dpbf16_ps(acc[4 * m + 0], a, w0);
@@ -90,28 +96,31 @@ inline void dot_tile(const bf16* x, int64_t ldx, const bf16* const* w, int64_t K
   _mm512_storeu_ps(out, reduce16(acc));
 }
 
-// For W rows [n0, n1) of W (N rows of K, row stride ldw) and all M rows of x: calls store(m, n, float sum).
-// W is read in blocks of 4 rows; each block serves every row of x while it sits in L1.
+// For rows [n0, n1) of W (N rows of K, contiguous) and all M rows of x: calls store(m, n, float sum). W is read
+// in blocks of 4 rows; a block serves every row of x from L1 while the next block is prefetched, and the last
+// block prefetches `then` (where the caller reads next) when given, else the rows after n1.
 template <typename Store>
-inline void gemm_rows(const bf16* x, int64_t ldx, int64_t M, const bf16* W, int64_t ldw, int64_t N, int64_t K,
-                      int64_t n0, int64_t n1, const Store& store) {
-  float out[16];
-  const bf16 *w[4], *next[4];
+inline void gemm_rows(const bf16* x, int64_t ldx, int64_t M, const bf16* W, int64_t N, int64_t K, int64_t n0,
+                      int64_t n1, const Store& store, const bf16* then = nullptr) {
+  alignas(64) float out[16];
+  const bf16* w[4];
+  const int64_t tiles = (M + 3) / 4, block = 4 * K * 2;  // a block's bytes
+  const int64_t share = (block / 64 + tiles - 1) / tiles * 64;  // of the next block, prefetched by each tile
   for (int64_t n = n0; n < n1; n += 4) {
     const int64_t nn = std::min<int64_t>(4, n1 - n);
-    for (int j = 0; j < 4; ++j) {
-      w[j] = W + std::min(n + j, N - 1) * ldw;  // a short block repeats its last row
-      next[j] = W + std::min(n + 4 + j, N - 1) * ldw;
-    }
-    for (int64_t m = 0; m < M; m += 4) {
-      const int64_t mt = std::min<int64_t>(4, M - m);
+    for (int j = 0; j < 4; ++j) w[j] = W + std::min(n + j, N - 1) * K;  // a short block repeats its last row
+    const bool last = n + 4 >= n1;
+    const char* next = reinterpret_cast<const char*>(last && then ? then : W + (n + 4) * K);
+    const int64_t ahead = last && then ? block : std::max<int64_t>(0, std::min<int64_t>(block, (N - n - 4) * K * 2));
+    for (int64_t m = 0, t = 0; m < M; m += 4, ++t) {
+      const int64_t mt = std::min<int64_t>(4, M - m), off = std::min(t * share, ahead);
+      const int64_t bytes = std::min(share, ahead - off);
       const bf16* xm = x + m * ldx;
-      const bf16* const* pf = m == 0 ? next : nullptr;
       switch (mt) {
-        case 1: dot_tile<1>(xm, ldx, w, K, out, pf); break;
-        case 2: dot_tile<2>(xm, ldx, w, K, out, pf); break;
-        case 3: dot_tile<3>(xm, ldx, w, K, out, pf); break;
-        default: dot_tile<4>(xm, ldx, w, K, out, pf); break;
+        case 1: dot_tile<1>(xm, ldx, w, K, out, next + off, bytes); break;
+        case 2: dot_tile<2>(xm, ldx, w, K, out, next + off, bytes); break;
+        case 3: dot_tile<3>(xm, ldx, w, K, out, next + off, bytes); break;
+        default: dot_tile<4>(xm, ldx, w, K, out, next + off, bytes); break;
       }
       for (int64_t i = 0; i < mt; ++i)
         for (int64_t j = 0; j < nn; ++j) store(m + i, n + j, out[4 * i + j]);
@@ -165,7 +174,9 @@ inline __m256i round_bf16x16(__m512 v) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-inline __m512 bf16x16_to_float(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline __m512 bf16x16_to_float(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 
 // h[j] = bf16(bf16(silu(gate[j])) * up[j]) for n values: F.silu(gate) * up on bf16 tensors, vectorised.
 inline void silu_mul(const bf16* gate, const bf16* up, bf16* h, int64_t n) {
@@ -208,7 +219,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   const auto run = [&](auto* yp) {
     run_tasks((N + rows - 1) / rows, [&](int64_t t) {
       const int64_t n0 = t * rows, n1 = std::min(N, n0 + rows);
-      gemm_rows(xp, ldx, M, wp, K, N, K, n0, n1, [&](int64_t m, int64_t n, float v) {
+      gemm_rows(xp, ldx, M, wp, N, K, n0, n1, [&](int64_t m, int64_t n, float v) {
         if (bp) v += bp[n];
         yp[m * N + n] = static_cast<std::remove_pointer_t<decltype(yp)>>(v);
       });
@@ -257,7 +268,13 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::
   bf16 *xsp = xs.data_ptr<bf16>(), *gup = gu.data_ptr<bf16>(), *hp = h.data_ptr<bf16>(), *yp = y.data_ptr<bf16>();
   float* accp = acc.data_ptr<float>();
   const bf16 *w13p = w13.data_ptr<bf16>(), *w2p = w2.data_ptr<bf16>();
-  for (int64_t r = 0; r < C; ++r) std::copy_n(xp + (src[r] / K) * H, H, xsp + r * H);
+  std::vector<int64_t> token(C);  // token of each grouped row
+  std::vector<float> weight(C);  // its routing weight
+  for (int64_t r = 0; r < C; ++r) {
+    token[r] = src[r] / K;
+    weight[r] = wtp[src[r]];
+    std::copy_n(xp + token[r] * H, H, xsp + r * H);
+  }
 
   // 1. gate/up and SiLU-and-multiply: a task is one expert's columns [j0, j1) of I, i.e. gate rows j0..j1 and
   //    up rows I + j0..I + j1 of w13[e]; it owns h[rows of e, j0:j1] outright.
@@ -271,9 +288,10 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::
     bf16* gue = gup + r0 * 2 * I;
     const auto store = [&](int64_t m, int64_t n, float v) { gue[m * 2 * I + n] = round_bf16(v); };
     const bf16* We = w13p + e * 2 * I * H;
-    gemm_rows(xe, H, M, We, H, 2 * I, H, j0, j1, store);
-    gemm_rows(xe, H, M, We, H, 2 * I, H, I + j0, I + j1, store);
-    for (int64_t m = 0; m < M; ++m) silu_mul(gue + m * 2 * I + j0, gue + m * 2 * I + I + j0, hp + (r0 + m) * I + j0, j1 - j0);
+    gemm_rows(xe, H, M, We, 2 * I, H, j0, j1, store, We + (I + j0) * H);
+    gemm_rows(xe, H, M, We, 2 * I, H, I + j0, I + j1, store);
+    for (int64_t m = 0; m < M; ++m)
+      silu_mul(gue + m * 2 * I + j0, gue + m * 2 * I + I + j0, hp + (r0 + m) * I + j0, j1 - j0);
   });
 
   // 2. down projection and the weighted sum: a task is rows [n0, n1) of H for every expert, in expert order, so it
@@ -281,17 +299,140 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::
   const int64_t rows = std::min<int64_t>(H, rows_per_task(2 * I));  // ~32 KB of each expert's w2 per task
   run_tasks((H + rows - 1) / rows, [&](int64_t t) {
     const int64_t n0 = t * rows, n1 = std::min(H, n0 + rows);
-    for (const int64_t e : active) {
-      const int64_t r0 = start[e], M = start[e + 1] - r0;
-      gemm_rows(hp + r0 * I, I, M, w2p + e * H * I, I, H, I, n0, n1, [&](int64_t m, int64_t n, float v) {
-        const int64_t c = src[r0 + m];
-        accp[(c / K) * H + n] += to_float(round_bf16(v)) * wtp[c];
-      });
+    for (size_t i = 0; i < active.size(); ++i) {
+      const int64_t e = active[i], r0 = start[e], M = start[e + 1] - r0;
+      const bf16* then = i + 1 < active.size() ? w2p + (active[i + 1] * H + n0) * I : nullptr;  // next expert's rows
+      const int64_t* tok = token.data() + r0;
+      const float* wt = weight.data() + r0;
+      gemm_rows(hp + r0 * I, I, M, w2p + e * H * I, H, I, n0, n1, [&](int64_t m, int64_t n, float v) {
+        accp[tok[m] * H + n] += to_float(round_bf16(v)) * wt[m];
+      }, then);
     }
     for (int64_t tok = 0; tok < T; ++tok)
       for (int64_t n = n0; n < n1; ++n) yp[tok * H + n] = round_bf16(accp[tok * H + n]);
   });
   return y;
+}
+
+// ---- decode attention
+
+// scores[h][s] = scale * dot(q[h], k[s]) for G query heads and the keys [0, len) of one KV head, 16 / G keys at a
+// time so that one reduce16 yields them all. k_at(s) is the key's row in the cache.
+template <int G, typename KeyAt>
+inline void attention_scores(const bf16* q, int64_t D, int64_t len, const KeyAt& k_at, float scale, float* scores,
+                             int64_t lds) {
+  constexpr int KP = 16 / G;  // keys per pass
+  __m512 acc[16];
+  alignas(64) float r[16];
+  for (int64_t s = 0; s < len; s += KP) {
+    const bf16* k[KP];
+    for (int j = 0; j < KP; ++j) k[j] = k_at(std::min(s + j, len - 1));
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      for (int h = 0; h < G; ++h) {
+        const __m512bh qv = load_bh(q + h * D + d);
+        for (int j = 0; j < KP; ++j) acc[h * KP + j] = _mm512_dpbf16_ps(acc[h * KP + j], qv, load_bh(k[j] + d));
+      }
+    }
+    _mm512_store_ps(r, reduce16(acc));
+    for (int h = 0; h < G; ++h)
+      for (int j = 0; j < KP && s + j < len; ++j) scores[h * lds + s + j] = r[h * KP + j] * scale;
+  }
+}
+
+// One query per sequence against its paged keys and values, as SDPA (flash, CPU) computes it for bf16 in a single
+// KV block: float32 scores, softmax in float32 with the probabilities rounded to bf16 for the weighted sum of V
+// and the reciprocal of the unrounded ones' sum scaling the result.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& lens, double scale) {
+  check_bf16_matrix(q, "q", 3);
+  check_bf16_matrix(k_cache, "k_cache", 4);
+  check_bf16_matrix(v_cache, "v_cache", 4);
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "q and the caches must be contiguous");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == D && D % 32 == 0 && H % Hkv == 0,
+              "q ", q.sizes(), " and caches ", k_cache.sizes(), " do not fit (head_dim must be a multiple of 32)");
+  const at::Tensor tables = block_tables.to(at::kLong).contiguous(), ln = lens.to(at::kLong).contiguous();
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && ln.numel() == B, "block_tables ", tables.sizes(),
+              " and lens ", ln.sizes(), " must be (B, W) and (B,) with B=", B);
+  const int64_t G = H / Hkv, W = tables.size(1);
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = ln.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= W * bs, "sequence ", b, " sees ", lp[b], " keys, its table holds ", W * bs);
+  at::Tensor out = at::empty_like(q);
+  const bf16 *qp = q.data_ptr<bf16>(), *kp = k_cache.data_ptr<bf16>(), *vp = v_cache.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  const float sc = static_cast<float>(scale);
+
+  run_tasks(B * Hkv, [&](int64_t task) {
+    const int64_t b = task / Hkv, g = task % Hkv, len = lp[b];
+    const int64_t* table = tp + b * W;
+    const auto row = [&](const bf16* cache, int64_t s) {  // key / value s of this sequence and KV head
+      return cache + ((table[s / bs] * bs + s % bs) * Hkv + g) * D;
+    };
+    const auto k_at = [&](int64_t s) { return row(kp, s); };
+    std::vector<float> scores(G * len);
+    std::vector<bf16> probs(G * (len + 1));
+    std::vector<float> sums(G);
+    // 1. scores, G heads at a time in chunks of 8, 4, 2, 1
+    for (int64_t h0 = 0; h0 < G;) {
+      const bf16* qh = qp + (b * H + g * G + h0) * D;
+      float* sh = scores.data() + h0 * len;
+      const int64_t left = G - h0;
+      if (left >= 8) { attention_scores<8>(qh, D, len, k_at, sc, sh, len); h0 += 8; }
+      else if (left >= 4) { attention_scores<4>(qh, D, len, k_at, sc, sh, len); h0 += 4; }
+      else if (left >= 2) { attention_scores<2>(qh, D, len, k_at, sc, sh, len); h0 += 2; }
+      else { attention_scores<1>(qh, D, len, k_at, sc, sh, len); h0 += 1; }
+    }
+    // 2. softmax: p = exp(score - max) rounded to bf16 (padded to an even count with a zero), sum unrounded
+    for (int64_t h = 0; h < G; ++h) {
+      const float* sh = scores.data() + h * len;
+      bf16* ph = probs.data() + h * (len + 1);
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < len; ++s) mx = std::max(mx, sh[s]);
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t s = 0; s < len; s += 16) {
+        const __mmask16 m = len - s >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - s)) - 1);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sh + s), _mm512_set1_ps(mx)));
+        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+        _mm256_mask_storeu_epi16(ph + s, m, round_bf16x16(e));
+      }
+      ph[len] = bf16(0.f);
+      sums[h] = _mm512_reduce_add_ps(total);
+    }
+    // 3. out[h] = sum_s p[h][s] v[s] / sum[h]: two keys per dpbf16, their values interleaved along D
+    const __m512i lo = _mm512_setr_epi32(0x200000, 0x210001, 0x220002, 0x230003, 0x240004, 0x250005, 0x260006,
+                                         0x270007, 0x280008, 0x290009, 0x2A000A, 0x2B000B, 0x2C000C, 0x2D000D,
+                                         0x2E000E, 0x2F000F);  // v0[i], v1[i] for i < 16
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));  // i in [16, 32)
+    for (int64_t h = 0; h < G; ++h) {
+      const bf16* ph = probs.data() + h * (len + 1);
+      for (int64_t d0 = 0; d0 < D; d0 += 128) {  // 128 dims = 8 accumulators
+        const int64_t nd = std::min<int64_t>(128, D - d0) / 16;
+        __m512 acc[8];
+        for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+        for (int64_t s = 0; s < len; s += 2) {
+          const bf16* v0 = row(vp, s) + d0;
+          const bf16* v1 = row(vp, std::min(s + 1, len - 1)) + d0;  // its probability is 0 past the end
+          uint32_t pair;
+          std::memcpy(&pair, ph + s, 4);
+          const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+          for (int64_t c = 0; c < nd; c += 2) {
+            const __m512i a = _mm512_loadu_si512(v0 + 16 * c), bb = _mm512_loadu_si512(v1 + 16 * c);
+            acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_permutex2var_epi16(a, lo, bb), p);
+            acc[c + 1] = _mm512_dpbf16_ps(acc[c + 1], (__m512bh)_mm512_permutex2var_epi16(a, hi, bb), p);
+          }
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / sums[h]);
+        bf16* oh = op + (b * H + g * G + h) * D + d0;
+        for (int64_t c = 0; c < nd; ++c)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(oh + 16 * c), round_bf16x16(_mm512_mul_ps(acc[c], inv)));
+      }
+    }
+  });
+  return out;
 }
 
 bool cpu_supported() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
@@ -302,5 +443,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x @ weight.T (+ bias) for a few bf16 rows", py::arg("x"), py::arg("weight"),
         py::arg("bias") = py::none(), py::arg("float_out") = false);
   m.def("routed_experts", &routed_experts, "weighted sum of each token's routed experts (bf16)");
+  m.def("decode_attention", &decode_attention, "one query per sequence over paged bf16 K/V (GQA)");
   m.def("cpu_supported", &cpu_supported, "whether this CPU runs AVX512-BF16");
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from glm47.config import ModelConfig
-from glm47.model.layers import RMSNorm, apply_rope
+from glm47.model.layers import Linear, RMSNorm, apply_rope
 
 
 class Attention(nn.Module):
@@ -19,8 +19,8 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = [q_size, kv_size, kv_size]
         # One matrix [q; k; v] so that a step does one GEMM; q_proj/k_proj/v_proj load into its rows.
-        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=False)
         if config.use_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from glm47.config import ModelConfig
 from glm47.model.decoder import DecoderLayer
 from glm47.model.kv_cache import NoCache
-from glm47.model.layers import RMSNorm, RotaryEmbedding
+from glm47.model.layers import Linear, RMSNorm, RotaryEmbedding
 from glm47.model.mtp import MTPLayer
 
 
@@ -44,7 +44,7 @@ class Glm4MoeForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Glm4MoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         n_mtp = config.num_nextn_predict_layers if mtp in (None, True) else 0
         N = config.num_hidden_layers
         self.mtp = nn.ModuleList(MTPLayer(config, N + j, mtp_own_embed, mtp_own_head) for j in range(n_mtp))

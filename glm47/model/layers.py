@@ -1,7 +1,8 @@
-"""Primitives shared by the GLM-4.7 model: RMSNorm, partial NeoX RoPE and the SwiGLU MLP.
+"""Primitives shared by the GLM-4.7 model: Linear, RMSNorm, partial NeoX RoPE and the SwiGLU MLP.
 
 Numerics follow the reference implementation: RMSNorm normalises in float32 and casts back before the
-weight multiply; RoPE angles are computed in float32 and cast to the activation dtype.
+weight multiply; RoPE angles are computed in float32 and cast to the activation dtype. Every linear layer
+goes through `linear`, the one place where a decode step's few bf16 rows on CPU take glm47.kernels.
 """
 
 from __future__ import annotations
@@ -9,6 +10,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from glm47 import kernels
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias). A few bf16 rows on an AVX512-BF16 CPU (a decode step) go through the skinny
+    kernel instead, which reads the weight at memory speed where torch's GEMV does not; F.linear is its twin."""
+    if kernels.fits(x, weight, kernels.LINEAR_MAX_ROWS):
+        return kernels.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and checkpoint keys) whose forward is `linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -58,8 +76,8 @@ class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

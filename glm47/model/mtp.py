@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from glm47.config import ModelConfig
 from glm47.model.decoder import DecoderLayer
-from glm47.model.layers import RMSNorm
+from glm47.model.layers import Linear, RMSNorm
 
 
 class SharedHead(nn.Module):
@@ -19,7 +19,7 @@ class SharedHead(nn.Module):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # GLM-4.5 ships its own copy of the LM head here; GLM-4.6/4.7 may not, then the main head is used.
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if own_head else None
+        self.head = Linear(config.hidden_size, config.vocab_size, bias=False) if own_head else None
 
 
 class MTPLayer(DecoderLayer):
@@ -30,7 +30,7 @@ class MTPLayer(DecoderLayer):
         h = config.hidden_size
         self.enorm = RMSNorm(h, config.rms_norm_eps)
         self.hnorm = RMSNorm(h, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.eh_proj = Linear(2 * h, h, bias=False)
         self.shared_head = SharedHead(config, own_head)
         self.embed_tokens = nn.Embedding(config.vocab_size, h) if own_embed else None
 

@@ -1,0 +1,225 @@
+"""glm47.kernels against their torch twins: the skinny bf16 linear against F.linear, the fused routed experts
+against Experts' grouped torch path, paged decode attention against the gather + SDPA path, a whole bf16
+engine's greedy tokens with the kernels on and off, and the dispatch falling back to torch whenever a kernel
+does not apply."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glm47 import kernels
+from glm47.checkpoint.loader import load_model
+from glm47.checkpoint.writer import init_checkpoint
+from glm47.config import preset
+from glm47.engine.config import EngineConfig
+from glm47.engine.llm_engine import LLMEngine
+from glm47.engine.paged_attention import decode_attention
+from glm47.engine.sampling import SamplingParams
+from glm47.model import layers
+from glm47.model.moe import Experts
+
+pytestmark = pytest.mark.skipif(not kernels.cpu_has_avx512_bf16(), reason="the kernels need an AVX512-BF16 CPU")
+
+
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    monkeypatch.delenv("GLM47_KERNELS", raising=False)
+
+
+def bf16_close(got, want, min_equal=0.99):
+    """Equal up to the order of a float32 sum: nearly every value bit for bit, the rest within a bf16 ulp or two."""
+    got, want = got.float(), want.float()
+    assert got.shape == want.shape
+    equal = (got == want).float().mean().item()
+    assert equal >= min_equal, f"only {equal:.4f} of the values are bit-identical"
+    torch.testing.assert_close(got, want, rtol=2 ** -6, atol=1e-2 * want.abs().max().item() + 1e-30)
+
+
+def test_the_kernels_build_on_this_machine():
+    assert kernels.extension() is not None, "the C++ extension did not build (see the warning in the log)"
+
+
+LINEAR_SHAPES = [(1, 1, 1), (1, 7, 5), (2, 33, 70), (3, 64, 64), (4, 129, 31), (5, 100, 1000), (8, 96, 2048),
+                 (13, 40, 33), (16, 257, 96), (16, 1030, 1024)]
+
+
+@pytest.mark.parametrize("M, N, K", LINEAR_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_equals_f_linear(M, N, K, with_bias):
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = torch.randn(N, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g).bfloat16() if with_bias else None
+    bf16_close(kernels.linear(x, w, b), F.linear(x, w, b))
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    got = kernels.linear(x, w, b, float_out=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+
+
+def test_linear_takes_leading_dims_and_strided_rows():
+    x = torch.randn(2, 3, 80).bfloat16()
+    w = torch.randn(50, 80).bfloat16()
+    bf16_close(kernels.linear(x, w), F.linear(x, w))
+    rows = torch.randn(4, 160).bfloat16()[:, :80]  # row stride 160
+    bf16_close(kernels.linear(rows, w), F.linear(rows, w))
+
+
+def random_experts(E, H, I, seed):
+    torch.manual_seed(seed)
+    ex = Experts(E, H, I).bfloat16().requires_grad_(False)
+    torch.nn.init.normal_(ex.w13, std=H ** -0.5)
+    torch.nn.init.normal_(ex.w2, std=I ** -0.5)
+    return ex
+
+
+def routing(T, E, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    return torch.rand(T, K, generator=g) * 2, ids
+
+
+# (E, H, I) x (T tokens, top-K): few tokens leave most experts idle; I = 20 and H = 40 leave vector tails.
+EXPERT_CASES = [(E, H, I, T, K) for E, H, I in [(8, 64, 32), (6, 40, 20), (16, 256, 96)]
+                for T, K in [(1, 1), (1, 6), (3, 2), (5, 5), (16, 6), (16, 1)]] + [(64, 128, 64, 16, 8)]
+
+
+@pytest.mark.parametrize("E, H, I, T, K", EXPERT_CASES)
+def test_routed_experts_equal_the_grouped_torch_path(monkeypatch, E, H, I, T, K):
+    ex = random_experts(E, H, I, seed=T * 10 + K)
+    x = torch.randn(T, H).bfloat16()
+    weights, ids = routing(T, E, K, seed=T + K)
+    got = kernels.routed_experts(x, ex.w13, ex.w2, weights, ids)
+    monkeypatch.setenv("GLM47_KERNELS", "0")
+    with torch.no_grad():
+        want = ex(x, weights, ids)
+    bf16_close(got, want, min_equal=0.95)
+
+
+def test_routed_experts_with_every_token_on_one_expert_and_most_experts_idle(monkeypatch):
+    ex = random_experts(8, 64, 48, seed=1)
+    x = torch.randn(11, 64).bfloat16()
+    ids = torch.full((11, 1), 5)
+    weights = torch.rand(11, 1)
+    got = kernels.routed_experts(x, ex.w13, ex.w2, weights, ids)
+    monkeypatch.setenv("GLM47_KERNELS", "0")
+    with torch.no_grad():
+        bf16_close(got, ex(x, weights, ids), min_equal=0.95)
+
+
+def test_routed_experts_rejects_an_expert_id_out_of_range():
+    ex = random_experts(4, 32, 16, seed=0)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.routed_experts(torch.randn(1, 32).bfloat16(), ex.w13, ex.w2, torch.ones(1, 1), torch.tensor([[4]]))
+
+
+# (num_blocks, block_size, Hkv, head_dim, H) x (B decodes, longest context): GQA groups of 8, 2 and 6 heads.
+ATTENTION_CASES = [(c, B, S) for c in [(64, 16, 2, 128, 16), (40, 4, 2, 32, 4), (40, 4, 1, 64, 6)]
+                   for B, S in [(1, 1), (1, 7), (1, 100), (3, 37), (16, 60)]]
+
+
+@pytest.mark.parametrize("cache, B, S", ATTENTION_CASES)
+def test_decode_attention_equals_gathered_sdpa(monkeypatch, cache, B, S):
+    nb, bs, Hkv, D, H = cache
+    g = torch.Generator().manual_seed(B * 100 + S)
+    k_cache = torch.randn(nb, bs, Hkv, D, generator=g).bfloat16()
+    v_cache = torch.randn(nb, bs, Hkv, D, generator=g).bfloat16()
+    width = -(-S // bs)
+    tables = torch.stack([torch.randperm(nb, generator=g)[:width] for _ in range(B)])  # scattered blocks
+    lens = torch.randint(1, S + 1, (B,), generator=g)
+    lens[0] = S
+    q = 2 * torch.randn(B, H, D, generator=g).bfloat16()
+    mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :] if B > 1 else None
+    got = kernels.decode_attention(q, k_cache, v_cache, tables, lens)
+    monkeypatch.setenv("GLM47_KERNELS", "0")
+    want = decode_attention(q, k_cache, v_cache, tables, mask, S, lens)
+    bf16_close(got, want, min_equal=0.9)
+
+
+# ---- dispatch
+
+
+def test_fits_only_few_bf16_cpu_rows_without_autograd(monkeypatch):
+    w = torch.randn(8, 32).bfloat16()
+    x = torch.randn(4, 32).bfloat16()
+    assert kernels.fits(x, w, max_rows=4)
+    assert not kernels.fits(torch.randn(5, 32).bfloat16(), w, max_rows=4)  # too many rows
+    assert not kernels.fits(x.float(), w.float(), max_rows=4)  # float32
+    assert not kernels.fits(x, w.requires_grad_(), max_rows=4)  # autograd would need a backward
+    with torch.no_grad():
+        assert kernels.fits(x, w, max_rows=4)
+    w.requires_grad_(False)
+    monkeypatch.setenv("GLM47_KERNELS", "0")
+    assert not kernels.fits(x, w, max_rows=4)
+    monkeypatch.setenv("GLM47_KERNELS", "1")
+    monkeypatch.setattr(kernels, "extension", lambda: None)  # the build failed
+    assert not kernels.fits(x, w, max_rows=4)
+
+
+def test_layers_linear_falls_back_to_f_linear_bit_for_bit(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "linear", lambda *a, **k: calls.append(a) or F.linear(*a[:3]))
+    x, w = torch.randn(3, 40).bfloat16(), torch.randn(24, 40).bfloat16()
+    layers.linear(x, w)
+    assert len(calls) == 1, "a 3-row bf16 linear should take the kernel"
+    monkeypatch.setenv("GLM47_KERNELS", "0")
+    assert torch.equal(layers.linear(x, w), F.linear(x, w))
+    monkeypatch.delenv("GLM47_KERNELS")
+    big = torch.randn(kernels.LINEAR_MAX_ROWS + 1, 40).bfloat16()
+    assert torch.equal(layers.linear(big, w), F.linear(big, w))
+    assert torch.equal(layers.linear(x.float(), w.float()), F.linear(x.float(), w.float()))
+    assert len(calls) == 1
+
+
+def test_a_failed_build_warns_once_and_returns_none(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("error: command 'c++' failed: No such file or directory")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="glm47.kernels"):
+        assert kernels.extension.__wrapped__() is None
+    assert len(caplog.records) == 1 and "using torch instead" in caplog.records[0].getMessage()
+
+
+# ---- a whole model
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-bf16")
+    init_checkpoint(preset("tiny"), path, seed=0)
+    return load_model(path, dtype=torch.bfloat16)
+
+
+def generate(model, prompts, max_tokens=10):
+    engine = LLMEngine(model, EngineConfig(block_size=4, kv_cache_tokens=1024, max_num_batched_tokens=16,
+                                           max_num_seqs=8))
+    return [o.token_ids for o in engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                        ignore_eos=True))]
+
+
+def test_bf16_engine_gives_the_same_greedy_tokens_with_kernels_on_and_off(bf16_model, monkeypatch):
+    """Steps of 1 to 16 tokens (decodes next to chunked prefills): every linear layer, MoE and decode attention
+    goes through the kernels, and the greedy tokens are those of the torch path."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (1, 5, 12, 30, 3, 9)]
+    counts = {"linear": 0, "routed_experts": 0, "decode_attention": 0}
+    for name in counts:
+        real = getattr(kernels, name)
+
+        def spy(*args, name=name, real=real, **kw):
+            counts[name] += 1
+            return real(*args, **kw)
+
+        monkeypatch.setattr(kernels, name, spy)
+    on = generate(bf16_model, prompts)
+    assert all(counts.values()), counts
+    monkeypatch.setenv("GLM47_KERNELS", "0")
+    before = dict(counts)
+    off = generate(bf16_model, prompts)
+    assert counts == before, "GLM47_KERNELS=0 must keep every call on the torch path"
+    assert on == off
