@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -39,6 +41,28 @@ def hf_generate_time(ref, batch: list[list[int]], new_tokens: int) -> float:
 PARTS = ("memory", "decode", "concurrent", "prefill", "prefix")
 
 
+def rss() -> int:
+    return psutil.Process(os.getpid()).memory_info().rss
+
+
+def memory_child(checkpoint: str) -> None:
+    """Runs in a fresh process (no transformers, no checkpoint writing before): resident memory of the
+    runtime (Python + torch + glm47 imported), then of the engine after loading and serving a 512-token
+    prompt. The engine's memory is the difference; the target is weights + KV pool + 15 %."""
+    base = rss()
+    with torch.inference_mode():
+        model = load_model(checkpoint, dtype=torch.bfloat16)
+        e = LLMEngine(model, EngineConfig(kv_cache_tokens=16384, max_num_batched_tokens=2048))
+        run(e, [random_prompt(512, model.config.vocab_size, 9)], greedy(16))
+    total = rss()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    pool = 2 * e.runner.kv.k.numel() * e.runner.kv.k.element_size()
+    print(f"memory: runtime (python + torch) {base / 1e9:.2f} GB; engine {(total - base) / 1e9:.2f} GB for weights "
+          f"{weights / 1e9:.2f} GB + KV pool {pool / 1e9:.2f} GB = {(weights + pool) / 1e9:.2f} GB -> ratio "
+          f"{(total - base) / (weights + pool):.2f} (whole process {total / 1e9:.2f} GB, "
+          f"{total / (weights + pool):.2f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--decode-tokens", type=int, default=64)
@@ -47,7 +71,10 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--history", type=int, default=3000)
     ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
+    ap.add_argument("--memory-child", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child)
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
         raise SystemExit(f"unknown --parts {sorted(parts - set(PARTS))}; choose from {','.join(PARTS)}")
@@ -64,17 +91,13 @@ def main() -> None:
             return LLMEngine(model, EngineConfig(kv_cache_tokens=16384, max_num_batched_tokens=2048, **kw))
 
         rows = []
-        # --- memory: resident set against weights + KV pool (before transformers is loaded)
+        # --- memory: the engine's resident set against weights + KV pool, in a fresh process
         if "memory" in parts:
-            e = engine()
-            run(e, [random_prompt(512, V, 9)], greedy(16))
-            weights = sum(p.numel() * p.element_size() for p in model.parameters())
-            pool = 2 * e.runner.kv.k.numel() * e.runner.kv.k.element_size()
-            rss = psutil.Process(os.getpid()).memory_info().rss
-            print(f"memory: RSS {rss / 1e9:.2f} GB, weights {weights / 1e9:.2f} GB + KV pool {pool / 1e9:.2f} GB "
-                  f"= {(weights + pool) / 1e9:.2f} GB -> ratio {rss / (weights + pool):.2f}")
+            child = subprocess.run([sys.executable, __file__, "--memory-child", d], capture_output=True, text=True)
+            print(child.stdout.strip() or child.stderr)
 
-        ref = transformers.Glm4MoeForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
+        if parts - {"memory"}:
+            ref = transformers.Glm4MoeForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
 
         # --- 1. batch-1 decode, and the roofline
         if "decode" in parts:
