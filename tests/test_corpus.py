@@ -156,3 +156,15 @@ def test_bad_arguments_raise_value_error():
         generate_examples(3, seed=0, split="test")
     with pytest.raises(ValueError, match="n must be >= 0"):
         generate_examples(-1, seed=0)
+
+
+def test_invented_names_and_places_are_fixed_many_and_never_real_cities():
+    from glm47.training.corpus_turns import _pool, made_up_words
+
+    names, places = made_up_words("name", 400), made_up_words("place", 300)
+    assert names == made_up_words("name", 400) and len(set(names)) == 400 and len(set(places)) == 300
+    assert not set(places) & set(WEATHER) and all(w[0].isupper() for w in names + places)
+    # Both splits get hundreds of them, partitioned like every other value.
+    for kind, real in (("name", NAMES), ("unknown_city", UNKNOWN_CITIES)):
+        train, held = set(_pool(kind, "train")), set(_pool(kind, "heldout"))
+        assert not train & held and len(train) > 200 and len(held) > 50 and set(real) <= train | held
