@@ -14,10 +14,10 @@ import sys
 from typing import Any, TextIO
 
 from glm47.agent import run_agent
+from glm47.cli.common import model_dir
 
 COMMANDS_HELP = ("commands: /think on|off switches thinking, /clear (or /reset) starts a new conversation, "
                  "/help shows this, /exit (or EOF) leaves")
-NO_DEFAULT = "no --model or --url given and no embedded default model is installed"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,23 +46,6 @@ def load_llm(model: str, dtype: str) -> Any:
     from glm47.llm import LLM
 
     return LLM(model, dtype=dtype)
-
-
-def default_model() -> str:
-    """The embedded default model's checkpoint directory, or a ValueError when none is installed."""
-    try:
-        from glm47.assets import default_model_path
-    except ModuleNotFoundError as e:
-        if e.name != "glm47.assets":  # a broken install, not a missing model: show it
-            raise
-        raise ValueError(NO_DEFAULT) from None
-    try:
-        path = default_model_path()
-    except FileNotFoundError as e:  # an install without the checkpoint files
-        raise ValueError(f"{NO_DEFAULT} ({e})") from None
-    if not path.exists():
-        raise ValueError(f"{NO_DEFAULT} ({path} does not exist)")
-    return str(path)
 
 
 class RemoteModel:
@@ -167,7 +150,7 @@ def open_model(args: argparse.Namespace) -> tuple[Any, Any]:
     from glm47.engine.sampling import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=0.95, max_tokens=args.max_tokens, seed=args.seed)
-    return load_llm(args.model or default_model(), args.dtype), params
+    return load_llm(model_dir(args.model), args.dtype), params
 
 
 class Session:

@@ -58,15 +58,6 @@ def _tools(arg: str | None) -> list[dict] | None:
     return _read_json(arg, "tools") if arg else None
 
 
-def model_dir(arg: str | None) -> str:
-    """--model, else the embedded default model (shared by generate, chat and serve)."""
-    if arg:
-        return arg
-    from glm47.assets import default_model_path
-
-    return str(default_model_path())
-
-
 class Printer:
     """Reasoning dimmed under a 'thinking' header, then the answer; tool calls on their own lines."""
 
@@ -89,6 +80,7 @@ class Printer:
 
 
 def run(args: argparse.Namespace) -> int:
+    from glm47.cli.common import model_dir
     from glm47.engine.sampling import SamplingParams
     from glm47.llm import LLM
 

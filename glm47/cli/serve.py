@@ -43,13 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from glm47.assets import default_model_path
+    from glm47.cli.common import model_dir
     from glm47.chat import Tokenizer
     from glm47.engine.llm_engine import LLMEngine
     from glm47.server.app import serve
     from glm47.server.context import ServerConfig
 
-    model = Path(args.model) if args.model else default_model_path()
+    model = Path(model_dir(args.model))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = {k: v for k, v in (("kv_cache_tokens", args.kv_cache_tokens), ("max_model_len", args.max_model_len),
                                  ("max_num_seqs", args.max_num_seqs)) if v is not None}
