@@ -138,6 +138,46 @@ def test_decode_attention_equals_gathered_sdpa(monkeypatch, cache, B, S):
     bf16_close(got, want, min_equal=0.9)
 
 
+# (n queries, context_len, H, Hkv, D, block_size): a single query, a chunk shorter and longer than a key block
+# (64), contexts shorter and longer than the chunk, GQA groups of 1, 2, 4 and 8, head_dim 32 to 256.
+PREFILL_CASES = [(1, 0, 4, 2, 64, 16), (5, 0, 16, 2, 128, 16), (70, 0, 4, 4, 32, 16), (37, 100, 8, 2, 128, 32),
+                 (200, 3, 16, 2, 128, 16), (129, 64, 4, 1, 256, 16), (64, 64, 8, 8, 32, 4)]
+
+
+def attention_reference(q, k_cache, v_cache, table, ctx, dtype):
+    """Gathered blocks, explicit causal mask shifted by the context, SDPA in `dtype`."""
+    n = q.shape[0]
+    k = k_cache[table].flatten(0, 1)[:ctx + n].to(dtype).transpose(0, 1)[None]
+    v = v_cache[table].flatten(0, 1)[:ctx + n].to(dtype).transpose(0, 1)[None]
+    mask = torch.arange(ctx + n)[None, :] <= torch.arange(ctx, ctx + n)[:, None]
+    o = F.scaled_dot_product_attention(q.to(dtype).transpose(0, 1)[None], k, v, attn_mask=mask, enable_gqa=True)
+    return o[0].transpose(0, 1).float()
+
+
+@pytest.mark.parametrize("n, ctx, H, Hkv, D, bs", PREFILL_CASES)
+def test_prefill_attention_is_as_exact_as_bf16_sdpa(n, ctx, H, Hkv, D, bs):
+    """Against float64 attention over the same bf16 inputs, the kernel's error is no larger than SDPA's in bf16
+    (both round the probabilities to bf16 for P.V), and the two agree within a bf16 ulp or two."""
+    g = torch.Generator().manual_seed(n * 1000 + ctx)
+    width = -(-(ctx + n) // bs)
+    k_cache = torch.randn(width + 5, bs, Hkv, D, generator=g).bfloat16()
+    v_cache = torch.randn(width + 5, bs, Hkv, D, generator=g).bfloat16()
+    table = torch.randperm(width + 5, generator=g)[:width]  # scattered blocks
+    q = (1.5 * torch.randn(n, H, D, generator=g)).bfloat16()
+    got = kernels.prefill_attention(q, k_cache, v_cache, table, ctx).float()
+    exact = attention_reference(q, k_cache, v_cache, table, ctx, torch.float64)
+    sdpa_bf16 = attention_reference(q, k_cache, v_cache, table, ctx, torch.bfloat16)
+    assert (got - exact).abs().mean() <= 1.05 * (sdpa_bf16 - exact).abs().mean() + 1e-6
+    assert (got - exact).abs().max() <= 1.05 * (sdpa_bf16 - exact).abs().max() + 1e-6
+    bf16_close(got, sdpa_bf16, min_equal=0.7)
+
+
+def test_prefill_attention_rejects_a_block_table_too_short():
+    k_cache = torch.zeros(4, 16, 2, 32).bfloat16()
+    with pytest.raises(RuntimeError, match="does not cover 40 keys"):
+        kernels.prefill_attention(torch.zeros(8, 4, 32).bfloat16(), k_cache, k_cache, torch.tensor([0, 1]), 32)
+
+
 # ---- dispatch
 
 
@@ -203,11 +243,11 @@ def generate(model, prompts, max_tokens=10):
 
 
 def test_bf16_engine_gives_the_same_greedy_tokens_with_kernels_on_and_off(bf16_model, monkeypatch):
-    """Steps of 1 to 16 tokens (decodes next to chunked prefills): every linear layer, MoE and decode attention
-    goes through the kernels, and the greedy tokens are those of the torch path."""
+    """Steps of 1 to 16 tokens (decodes next to chunked prefills): every linear layer, MoE, decode and prefill
+    attention goes through the kernels, and the greedy tokens are those of the torch path."""
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (1, 5, 12, 30, 3, 9)]
-    counts = {"linear": 0, "routed_experts": 0, "decode_attention": 0}
+    counts = {"linear": 0, "routed_experts": 0, "decode_attention": 0, "prefill_attention": 0}
     for name in counts:
         real = getattr(kernels, name)
 

@@ -74,21 +74,26 @@ class PrefillChunk:
     start: int  # token range [start, end) in the flat batch
     end: int
     context_len: int  # tokens of this sequence already in the cache before the chunk
-    block_table: Tensor | None  # (nb,) blocks covering context + chunk; None when context_len == 0
-    mask: Tensor | None  # (n, context_len + n) causal mask shifted by the context; None when context_len < n
+    block_table: Tensor  # (nb,) blocks covering context + chunk
 
 
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                       chunk: PrefillChunk) -> Tensor:
-    """q: (n, H, D); k, v: (n, Hkv, D) of the chunk itself -> (n, H, D). Without context the chunk attends
-    to itself (plain causal SDPA, no cache read); with context it reads its blocks back from the cache."""
+    """q: (n, H, D); k, v: (n, Hkv, D) of the chunk itself, already written to the cache -> (n, H, D), causal.
+    bf16 on an AVX512-BF16 CPU runs a flash-attention kernel over the blocks in place (glm47.kernels). Its
+    twin, SDPA: without context the chunk attends to itself (no cache read); with context it reads its
+    blocks back from the cache."""
     n, ctx = q.shape[0], chunk.context_len
+    if kernels.fits(q, k_cache) and q.shape[-1] % 32 == 0:
+        return kernels.prefill_attention(q, k_cache, v_cache, chunk.block_table, ctx)
     if ctx == 0:
         return sdpa(q[None], k[None], v[None], causal=n > 1)[0]
     kc = k_cache[chunk.block_table].flatten(0, 1)[:ctx + n].to(q.dtype)  # (S, Hkv, D)
     vc = v_cache[chunk.block_table].flatten(0, 1)[:ctx + n].to(q.dtype)
-    if chunk.mask is not None:
-        return sdpa(q[None], kc[None], vc[None], chunk.mask)[0]
+    if ctx >= n:  # a long context: an explicit (n, S) causal mask shifted by the context
+        rows = torch.arange(ctx, ctx + n, device=q.device)
+        mask = torch.arange(ctx + n, device=q.device)[None, :] <= rows[:, None]
+        return sdpa(q[None], kc[None], vc[None], mask)[0]
     # A short context: SDPA's causal mask is aligned top-left, so prepend ctx zero queries and drop their
     # rows. Wastes ctx^2 / 2 scores where the explicit mask would waste n^2 / 2 (it cannot skip blocks).
     q = torch.cat([q.new_zeros(ctx, *q.shape[1:]), q])
@@ -142,13 +147,8 @@ class ForwardBatch:
                 mask = (keys < decode_lens[:, None])[:, None, None, :]
         prefills, start = [], d
         for table, ctx, n in zip(block_tables[d:], context_lens[d:], query_lens[d:]):
-            chunk = PrefillChunk(start, start + n, ctx, None, None)
-            if ctx:
-                chunk.block_table = torch.tensor(table[:-(-(ctx + n) // bs)], dtype=torch.long, device=dev)
-            if ctx >= n:  # a long context: an explicit mask (see prefill_attention)
-                rows = torch.arange(ctx, ctx + n, device=dev)
-                chunk.mask = torch.arange(ctx + n, device=dev)[None, :] <= rows[:, None]  # (n, S)
-            prefills.append(chunk)
+            table = torch.tensor(table[:-(-(ctx + n) // bs)], dtype=torch.long, device=dev)
+            prefills.append(PrefillChunk(start, start + n, ctx, table))
             start += n
         slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         return cls(kv, slot_mapping, d, tables, mask, length, decode_lens, prefills)

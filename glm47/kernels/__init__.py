@@ -91,3 +91,11 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
     """q (B, H, D) bf16, one query per sequence; caches (num_blocks, block_size, Hkv, D); block_tables (B, W);
     lens (B,) keys each query sees -> (B, H, D), softmax(q k^T / sqrt(D)) v per head. D a multiple of 32."""
     return extension().decode_attention(q.contiguous(), k_cache, v_cache, block_tables, lens, q.shape[-1] ** -0.5)
+
+
+def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, context_len: int) -> Tensor:
+    """q (n, H, D) bf16: the queries of one sequence's chunk at positions context_len .. context_len + n - 1, whose
+    K/V are already in the cache; block_table (nb,) covers its context_len + n keys -> (n, H, D), causal
+    softmax(q k^T / sqrt(D)) v per head (GQA). D a multiple of 32."""
+    return extension().prefill_attention(q.contiguous(), k_cache, v_cache, block_table, context_len,
+                                         q.shape[-1] ** -0.5)
