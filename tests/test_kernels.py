@@ -178,6 +178,28 @@ def test_prefill_attention_rejects_a_block_table_too_short():
         kernels.prefill_attention(torch.zeros(8, 4, 32).bfloat16(), k_cache, k_cache, torch.tensor([0, 1]), 32)
 
 
+@pytest.mark.parametrize("T, H, Hkv, D, rot, norm", [(1, 16, 2, 128, 64, True), (16, 16, 2, 128, 64, True),
+                                                     (7, 4, 2, 32, 16, True), (5, 4, 4, 64, 64, False),
+                                                     (300, 8, 1, 128, 128, True)])
+def test_qk_norm_rope_equals_rmsnorm_then_apply_rope(T, H, Hkv, D, rot, norm):
+    g = torch.Generator().manual_seed(T * 10 + D)
+    qkv = (3 * torch.randn(2, T, (H + 2 * Hkv) * D, generator=g)).bfloat16()
+    q_norm, k_norm = layers.RMSNorm(D, 1e-5).bfloat16(), layers.RMSNorm(D, 1e-5).bfloat16()
+    q_norm.weight.data = (torch.rand(D, generator=g) + 0.5).bfloat16()
+    k_norm.weight.data = (torch.rand(D, generator=g) + 0.5).bfloat16()
+    cos, sin = layers.RotaryEmbedding(rot, 1e6)(torch.randint(0, 200000, (2, T), generator=g), torch.bfloat16)
+    with torch.inference_mode():
+        q, k, _ = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k = q.view(2, T, H, D), k.view(2, T, Hkv, D)
+        if norm:
+            q, k = q_norm(q), k_norm(k)
+        want_q, want_k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        got_q, got_k = kernels.qk_norm_rope(qkv, H, Hkv, D, q_norm.weight if norm else None,
+                                            k_norm.weight if norm else None, 1e-5, cos, sin)
+    bf16_close(got_q, want_q, min_equal=0.999)
+    bf16_close(got_k, want_k, min_equal=0.999)
+
+
 # ---- dispatch
 
 
@@ -247,7 +269,8 @@ def test_bf16_engine_gives_the_same_greedy_tokens_with_kernels_on_and_off(bf16_m
     attention goes through the kernels, and the greedy tokens are those of the torch path."""
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (1, 5, 12, 30, 3, 9)]
-    counts = {"linear": 0, "routed_experts": 0, "decode_attention": 0, "prefill_attention": 0}
+    counts = {"linear": 0, "routed_experts": 0, "decode_attention": 0, "prefill_attention": 0,
+              "qk_norm_rope": 0}
     for name in counts:
         real = getattr(kernels, name)
 

@@ -99,3 +99,15 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: 
     softmax(q k^T / sqrt(D)) v per head (GQA). D a multiple of 32."""
     return extension().prefill_attention(q.contiguous(), k_cache, v_cache, block_table, context_len,
                                          q.shape[-1] ** -0.5)
+
+
+def qk_norm_rope(qkv: Tensor, num_heads: int, num_kv_heads: int, head_dim: int, q_norm: Tensor | None,
+                 k_norm: Tensor | None, eps: float, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """qkv (..., >= (H + 2 Hkv) D) bf16, the fused projection's output; cos/sin (..., rot) -> q (..., H, D),
+    k (..., Hkv, D): per-head RMSNorm with the q_norm / k_norm weights (both None: no norm), then RoPE on the
+    first rot dims (rotate-half), rounded as glm47.model.layers rounds them."""
+    lead = qkv.shape[:-1]
+    q, k = extension().qk_norm_rope(qkv.reshape(-1, qkv.shape[-1]), num_heads, num_kv_heads, head_dim, q_norm,
+                                    k_norm, eps, cos.reshape(-1, cos.shape[-1]).contiguous(),
+                                    sin.reshape(-1, sin.shape[-1]).contiguous())
+    return q.view(*lead, num_heads, head_dim), k.view(*lead, num_kv_heads, head_dim)

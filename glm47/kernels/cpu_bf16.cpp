@@ -435,6 +435,80 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return out;
 }
 
+// ---- attention prologue: per-head RMSNorm of q and k, then partial NeoX RoPE
+
+inline float bf16_round_float(float v) {  // float -> nearest-even bf16 -> float, NaN kept (bit ops: vectorisable)
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  if ((b & 0x7F800000u) == 0x7F800000u && (b & 0x007FFFFFu)) return v;
+  b = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+  float r;
+  std::memcpy(&r, &b, 4);
+  return r;
+}
+
+// One head of D values in place (as floats holding bf16 values): RMSNorm with weight w (when given), as
+// RMSNorm.forward rounds it (normalised in float32, rounded, times the bf16 weight, rounded), then rotate-half
+// RoPE on the first `rot` dims, as apply_rope rounds it: bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)).
+inline void norm_rope_head(float* h, int64_t D, const float* w, float eps, const float* cos, const float* sin,
+                           int64_t rot, float* tmp) {
+  if (w) {
+    float ss = 0.f;
+    for (int64_t i = 0; i < D; ++i) ss += h[i] * h[i];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+    for (int64_t i = 0; i < D; ++i) h[i] = bf16_round_float(w[i] * bf16_round_float(h[i] * r));
+  }
+  const int64_t half = rot / 2;
+  for (int64_t i = 0; i < half; ++i) tmp[i] = -h[i + half];
+  for (int64_t i = half; i < rot; ++i) tmp[i] = h[i - half];
+  for (int64_t i = 0; i < rot; ++i)
+    h[i] = bf16_round_float(bf16_round_float(h[i] * cos[i]) + bf16_round_float(tmp[i] * sin[i]));
+}
+
+// qkv (T, >= (H + 2 Hkv) D) bf16, rows possibly strided: the fused projection's output. Returns q (T, H, D) and
+// k (T, Hkv, D), normed (q_w / k_w given) and rotated with cos / sin (T, rot) bf16; v stays where it is.
+std::vector<at::Tensor> qk_norm_rope(const at::Tensor& qkv, int64_t H, int64_t Hkv, int64_t D,
+                                     const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& k_w,
+                                     double eps, const at::Tensor& cos, const at::Tensor& sin) {
+  check_bf16_matrix(qkv, "qkv", 2);
+  check_bf16_matrix(cos, "cos", 2);
+  check_bf16_matrix(sin, "sin", 2);
+  const int64_t T = qkv.size(0), rot = cos.size(1);
+  TORCH_CHECK(qkv.stride(1) == 1 && qkv.size(1) >= (H + 2 * Hkv) * D, "qkv ", qkv.sizes(), " is not (T, (H + 2Hkv) D)");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(0) == T && rot <= D && rot % 2 == 0 && cos.is_contiguous() &&
+              sin.is_contiguous(), "cos/sin ", cos.sizes(), " are not (T, rot) for T=", T, " and head_dim ", D);
+  const bool norm = q_w.has_value() && q_w->defined();
+  at::Tensor qw, kw;
+  if (norm) {
+    TORCH_CHECK(k_w.has_value() && k_w->defined() && q_w->numel() == D && k_w->numel() == D,
+                "q_norm and k_norm weights must both have head_dim values");
+    qw = q_w->to(at::kFloat).contiguous();
+    kw = k_w->to(at::kFloat).contiguous();
+  }
+  at::Tensor q = at::empty({T, H, D}, qkv.options()), k = at::empty({T, Hkv, D}, qkv.options());
+  const bf16 *src = qkv.data_ptr<bf16>(), *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
+  bf16 *qp = q.data_ptr<bf16>(), *kp = k.data_ptr<bf16>();
+  const int64_t ld = qkv.stride(0), chunk = std::max<int64_t>(1, 4096 / ((H + Hkv) * D));
+  run_tasks((T + chunk - 1) / chunk, [&](int64_t task) {
+    std::vector<float> h(D), tmp(D), c(rot), s(rot);
+    for (int64_t t = task * chunk; t < std::min(T, (task + 1) * chunk); ++t) {
+      for (int64_t i = 0; i < rot; ++i) {
+        c[i] = to_float(cp[t * rot + i]);
+        s[i] = to_float(sp[t * rot + i]);
+      }
+      for (int64_t j = 0; j < H + Hkv; ++j) {
+        const bf16* x = src + t * ld + j * D;
+        for (int64_t i = 0; i < D; ++i) h[i] = to_float(x[i]);
+        const float* w = !norm ? nullptr : j < H ? qw.data_ptr<float>() : kw.data_ptr<float>();
+        norm_rope_head(h.data(), D, w, static_cast<float>(eps), c.data(), s.data(), rot, tmp.data());
+        bf16* dst = j < H ? qp + (t * H + j) * D : kp + (t * Hkv + j - H) * D;
+        for (int64_t i = 0; i < D; ++i) dst[i] = bf16(h[i]);  // exact: h holds bf16 values
+      }
+    }
+  });
+  return {q, k};
+}
+
 // ---- prefill attention: flash attention over the paged cache, many queries per sequence
 
 // Keys per block of the online softmax. A block's packed K and V (64 keys x D) stay in L1 while a task's rows use them.
@@ -641,5 +715,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention, "causal attention of a chunk of queries over paged bf16 K/V",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("ctx"),
         py::arg("scale"));
+  m.def("qk_norm_rope", &qk_norm_rope, "per-head RMSNorm of q and k, then partial NeoX RoPE (bf16)");
   m.def("cpu_supported", &cpu_supported, "whether this CPU runs AVX512-BF16");
 }
