@@ -18,7 +18,7 @@ from glm47.engine.llm_engine import LLMEngine
 from glm47.engine.paged_attention import decode_attention
 from glm47.engine.sampling import SamplingParams
 from glm47.model import layers
-from glm47.model.moe import Experts
+from glm47.model.moe import MoE, Experts, select_experts
 
 pytestmark = pytest.mark.skipif(not kernels.cpu_has_avx512_bf16(), reason="the kernels need an AVX512-BF16 CPU")
 
@@ -113,6 +113,50 @@ def test_routed_experts_rejects_an_expert_id_out_of_range():
     ex = random_experts(4, 32, 16, seed=0)
     with pytest.raises(RuntimeError, match="out of range"):
         kernels.routed_experts(torch.randn(1, 32).bfloat16(), ex.w13, ex.w2, torch.ones(1, 1), torch.tensor([[4]]))
+
+
+def moe_layer(config, seed):
+    torch.manual_seed(seed)
+    moe = MoE(config)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=config.hidden_size ** -0.5)
+    moe.gate.e_score_correction_bias.normal_(0, 0.01)
+    return moe.bfloat16().requires_grad_(False)
+
+
+@pytest.mark.parametrize("T", [1, 3, 16, 100])
+@pytest.mark.parametrize("shared_width", [0, 1, 2])  # no shared expert, one as wide as a routed one, twice as wide
+def test_moe_block_with_router_and_shared_expert_kernels_equals_the_torch_path(monkeypatch, T, shared_width):
+    """MoE.forward takes kernels.route (for <= ROUTE_MAX_TOKENS tokens) and one routed_experts call with the shared
+    expert inside; the torch path (select_experts, Experts, MLP, y + shared) gives the same bf16 values."""
+    config = preset("bench").replace(hidden_size=96, moe_intermediate_size=40, n_routed_experts=12,
+                                     num_experts_per_tok=4, n_shared_experts=shared_width)
+    moe = moe_layer(config, seed=T + shared_width)
+    x = torch.randn(1, T, 96).bfloat16()
+    calls = []
+    for name in ("route", "routed_experts"):
+        monkeypatch.setattr(kernels, name, lambda *a, real=getattr(kernels, name), **k: calls.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        got = moe(x)
+        assert len(calls) == (2 if T <= kernels.ROUTE_MAX_TOKENS else 1)
+        monkeypatch.setenv("GLM47_KERNELS", "0")
+        want = moe(x)
+    bf16_close(got, want, min_equal=0.95)
+
+
+@pytest.mark.parametrize("E, K, n_group, topk_group", [(64, 8, 1, 1), (16, 3, 4, 2), (8, 2, 2, 1), (12, 12, 1, 1)])
+def test_route_equals_select_experts(E, K, n_group, topk_group):
+    config = preset("bench").replace(n_routed_experts=E, num_experts_per_tok=K, n_group=n_group,
+                                     topk_group=topk_group)
+    g = moe_layer(config, seed=E + K).gate
+    x = torch.randn(64, config.hidden_size).bfloat16()
+    weights, ids = kernels.route(x, g.weight, g.e_score_correction_bias, K, n_group, topk_group, g.norm_topk_prob,
+                                 g.scale)
+    want_weights, want_ids = select_experts(F.linear(x.float(), g.weight), g.e_score_correction_bias, K, n_group,
+                                            topk_group, g.norm_topk_prob, g.scale)
+    assert torch.equal(ids, want_ids)  # the same experts in the same (descending) order
+    torch.testing.assert_close(weights, want_weights, rtol=1e-6, atol=1e-6)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
 
 
 # (num_blocks, block_size, Hkv, head_dim, H) x (B decodes, longest context): GQA groups of 8, 2 and 6 heads.
@@ -270,7 +314,7 @@ def test_bf16_engine_gives_the_same_greedy_tokens_with_kernels_on_and_off(bf16_m
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (1, 5, 12, 30, 3, 9)]
     counts = {"linear": 0, "routed_experts": 0, "decode_attention": 0, "prefill_attention": 0,
-              "qk_norm_rope": 0}
+              "qk_norm_rope": 0, "route": 0}
     for name in counts:
         real = getattr(kernels, name)
 

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 # 2,048), so they take prefill chunks too.
 LINEAR_MAX_ROWS = 32
 EXPERTS_MAX_TOKENS = 4096
+# The router's float32 GEMV re-reads its (E, H) weight per token: fine for a decode step, not for a prefill chunk,
+# where torch's GEMM is faster.
+ROUTE_MAX_TOKENS = 64
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -81,10 +84,20 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, float_out: boo
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def routed_experts(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+def routed_experts(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor, shared_w13: Tensor | None = None,
+                   shared_w2: Tensor | None = None) -> Tensor:
     """x (N, H) bf16, stacked experts w13 (E, 2I, H) and w2 (E, H, I), routing weights (N, K) float32 and
-    expert ids (N, K) -> sum_k weights[:, k] * expert_{ids[:, k]}(x), (N, H) bf16. The caller checks `fits`."""
-    return extension().routed_experts(x.contiguous(), w13, w2, weights, ids)
+    expert ids (N, K) -> sum_k weights[:, k] * expert_{ids[:, k]}(x), (N, H) bf16; with a shared expert's
+    gate_up (2Is, H) and down (H, Is) weights, plus its output (added in bf16). The caller checks `fits`."""
+    return extension().routed_experts(x.contiguous(), w13, w2, weights, ids, shared_w13, shared_w2)
+
+
+def route(x: Tensor, weight: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int, norm_topk_prob: bool,
+          scale: float) -> tuple[Tensor, Tensor]:
+    """The sigmoid router: x (N, H) bf16, weight (E, H) float32, bias (E,) float32 -> weights (N, top_k) float32,
+    ids (N, top_k) int64, as glm47.model.moe.select_experts(F.linear(x.float(), weight), bias, ...) gives them."""
+    weights, ids = extension().route(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scale)
+    return weights, ids
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lens: Tensor) -> Tensor:

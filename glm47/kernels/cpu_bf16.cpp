@@ -230,8 +230,56 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   return y;
 }
 
+// One expert's share of a MoE call: its weights, its rows of x (M of them, at x with row stride H) and where its
+// rows start in the gate/up and hidden buffers.
+struct ExpertRows {
+  const bf16* w13;  // (2I, H)
+  const bf16* w2;  // (H, I)
+  int64_t I;
+  const bf16* x;
+  int64_t M, r0;
+};
+
+// gate/up, SiLU-and-multiply and down projection of several experts' rows, two parallel passes:
+//  1. a task is one expert's columns [j0, j1) of I, i.e. gate rows j0..j1 and up rows I + j0..I + j1 of w13; it
+//     owns h[rows of the expert, j0:j1] outright (column chunks a multiple of 32: no two tasks share a cache line);
+//  2. a task is rows [n0, n1) of H for every expert, in order, so that it owns out[:, n0:n1]; for expert i and its
+//     row m, store(i, m, n, v) gets the float32 sum v of the down projection, then done(n0, n1) is called.
+// gu and h are (rows, 2 * max I) and (rows, max I) scratch buffers.
+template <typename Store, typename Done>
+void run_experts(const std::vector<ExpertRows>& ex, int64_t H, bf16* gu, bf16* h, int64_t ldgu, int64_t ldh,
+                 const Store& store, const Done& done) {
+  const int64_t cols = std::max<int64_t>(32, rows_per_task(H) / 2 & ~31);  // of I per task
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (expert, j0)
+  for (size_t i = 0; i < ex.size(); ++i)
+    for (int64_t j0 = 0; j0 < ex[i].I; j0 += cols) tasks.emplace_back(static_cast<int64_t>(i), j0);
+  run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+    const ExpertRows& e = ex[tasks[t].first];
+    const int64_t I = e.I, j0 = tasks[t].second, j1 = std::min(I, j0 + cols);
+    bf16* gue = gu + e.r0 * ldgu;
+    const auto st = [&](int64_t m, int64_t n, float v) { gue[m * ldgu + n] = round_bf16(v); };
+    gemm_rows(e.x, H, e.M, e.w13, 2 * I, H, j0, j1, st, e.w13 + (I + j0) * H);
+    gemm_rows(e.x, H, e.M, e.w13, 2 * I, H, I + j0, I + j1, st);
+    for (int64_t m = 0; m < e.M; ++m) silu_mul(gue + m * ldgu + j0, gue + m * ldgu + I + j0, h + (e.r0 + m) * ldh + j0, j1 - j0);
+  });
+  int64_t Imin = ex.empty() ? 1 : ex[0].I;
+  for (const auto& e : ex) Imin = std::min(Imin, e.I);
+  const int64_t rows = std::min<int64_t>(H, rows_per_task(2 * Imin));  // ~32 KB of each expert's w2 per task
+  run_tasks((H + rows - 1) / rows, [&](int64_t t) {
+    const int64_t n0 = t * rows, n1 = std::min(H, n0 + rows);
+    for (size_t i = 0; i < ex.size(); ++i) {
+      const ExpertRows& e = ex[i];
+      const bf16* then = i + 1 < ex.size() ? ex[i + 1].w2 + n0 * ex[i + 1].I : nullptr;  // the next expert's rows
+      gemm_rows(h + e.r0 * ldh, ldh, e.M, e.w2, H, e.I, n0, n1,
+                [&](int64_t m, int64_t n, float v) { store(i, m, n, v); }, then);
+    }
+    done(n0, n1);
+  });
+}
+
 at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& weights,
-                          const at::Tensor& ids) {
+                          const at::Tensor& ids, const c10::optional<at::Tensor>& shared_w13,
+                          const c10::optional<at::Tensor>& shared_w2) {
   check_bf16_matrix(x, "x", 2);
   check_bf16_matrix(w13, "w13", 3);
   check_bf16_matrix(w2, "w2", 3);
@@ -241,6 +289,17 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::
   TORCH_CHECK(w2.size(0) == E && w2.size(1) == H && w2.size(2) == I, "w2 ", w2.sizes(), " is not (E, H, I)");
   TORCH_CHECK(ids.dim() == 2 && ids.size(0) == T && weights.sizes() == ids.sizes(),
               "ids ", ids.sizes(), " and weights ", weights.sizes(), " must both be (T, K) with T=", T);
+  const bool shared = shared_w13.has_value() && shared_w13->defined();
+  int64_t Is = 0;
+  if (shared) {
+    TORCH_CHECK(shared_w2.has_value() && shared_w2->defined(), "shared_w13 given without shared_w2");
+    check_bf16_matrix(*shared_w13, "shared_w13", 2);
+    check_bf16_matrix(*shared_w2, "shared_w2", 2);
+    Is = shared_w13->size(0) / 2;
+    TORCH_CHECK(shared_w13->is_contiguous() && shared_w2->is_contiguous() && shared_w13->size(1) == H &&
+                shared_w2->size(0) == H && shared_w2->size(1) == Is && shared_w13->size(0) == 2 * Is,
+                "shared expert ", shared_w13->sizes(), " / ", shared_w2->sizes(), " is not (2I, H) / (H, I) with H=", H);
+  }
   const at::Tensor id = ids.to(at::kLong).contiguous(), wt = weights.to(at::kFloat).contiguous();
   const int64_t K = ids.size(1), C = T * K;  // C token copies
   const int64_t* idp = id.data_ptr<int64_t>();
@@ -255,19 +314,17 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (int64_t c = 0; c < C; ++c) src[fill[idp[c]]++] = c;  // src[row] = flat (token, k) index
-  std::vector<int64_t> active;
-  for (int64_t e = 0; e < E; ++e)
-    if (start[e + 1] > start[e]) active.push_back(e);
 
+  const int64_t Imax = std::max(I, Is), rows_total = C + (shared ? T : 0);  // the shared expert's rows come last
   at::Tensor xs = at::empty({C, H}, x.options());  // x of each copy, grouped
-  at::Tensor gu = at::empty({C, 2 * I}, x.options());  // bf16 gate | up, as F.linear returns them
-  at::Tensor h = at::empty({C, I}, x.options());  // bf16(silu(gate) * up)
+  at::Tensor gu = at::empty({rows_total, 2 * Imax}, x.options());  // bf16 gate | up, as F.linear returns them
+  at::Tensor h = at::empty({rows_total, Imax}, x.options());  // bf16(silu(gate) * up)
   at::Tensor acc = at::zeros({T, H}, x.options().dtype(at::kFloat));
+  at::Tensor ys = at::empty({shared ? T : 0, H}, x.options());  // the shared expert's bf16 output
   at::Tensor y = at::empty({T, H}, x.options());
   const bf16* xp = x.data_ptr<bf16>();
-  bf16 *xsp = xs.data_ptr<bf16>(), *gup = gu.data_ptr<bf16>(), *hp = h.data_ptr<bf16>(), *yp = y.data_ptr<bf16>();
+  bf16 *xsp = xs.data_ptr<bf16>(), *ysp = ys.data_ptr<bf16>(), *yp = y.data_ptr<bf16>();
   float* accp = acc.data_ptr<float>();
-  const bf16 *w13p = w13.data_ptr<bf16>(), *w2p = w2.data_ptr<bf16>();
   std::vector<int64_t> token(C);  // token of each grouped row
   std::vector<float> weight(C);  // its routing weight
   for (int64_t r = 0; r < C; ++r) {
@@ -275,43 +332,107 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::
     weight[r] = wtp[src[r]];
     std::copy_n(xp + token[r] * H, H, xsp + r * H);
   }
+  std::vector<ExpertRows> ex;
+  for (int64_t e = 0; e < E; ++e)
+    if (start[e + 1] > start[e])
+      ex.push_back({w13.data_ptr<bf16>() + e * 2 * I * H, w2.data_ptr<bf16>() + e * H * I, I,
+                    xsp + start[e] * H, start[e + 1] - start[e], start[e]});
+  const size_t routed = ex.size();
+  if (shared) ex.push_back({shared_w13->data_ptr<bf16>(), shared_w2->data_ptr<bf16>(), Is, xp, T, C});
 
-  // 1. gate/up and SiLU-and-multiply: a task is one expert's columns [j0, j1) of I, i.e. gate rows j0..j1 and
-  //    up rows I + j0..I + j1 of w13[e]; it owns h[rows of e, j0:j1] outright.
-  // Columns per task a multiple of 32, so that no two tasks write into the same cache line of gu or h.
-  const int64_t cols = std::min<int64_t>(I, std::max<int64_t>(32, rows_per_task(H) / 2 & ~31));
-  const int64_t col_tasks = (I + cols - 1) / cols;
-  run_tasks(static_cast<int64_t>(active.size()) * col_tasks, [&](int64_t t) {
-    const int64_t e = active[t / col_tasks], j0 = (t % col_tasks) * cols, j1 = std::min(I, j0 + cols);
-    const int64_t r0 = start[e], M = start[e + 1] - r0;
-    const bf16* xe = xsp + r0 * H;
-    bf16* gue = gup + r0 * 2 * I;
-    const auto store = [&](int64_t m, int64_t n, float v) { gue[m * 2 * I + n] = round_bf16(v); };
-    const bf16* We = w13p + e * 2 * I * H;
-    gemm_rows(xe, H, M, We, 2 * I, H, j0, j1, store, We + (I + j0) * H);
-    gemm_rows(xe, H, M, We, 2 * I, H, I + j0, I + j1, store);
-    for (int64_t m = 0; m < M; ++m)
-      silu_mul(gue + m * 2 * I + j0, gue + m * 2 * I + I + j0, hp + (r0 + m) * I + j0, j1 - j0);
-  });
-
-  // 2. down projection and the weighted sum: a task is rows [n0, n1) of H for every expert, in expert order, so it
-  //    owns y[:, n0:n1] and adds each token's copies in the same order as the torch path's index_add_.
-  const int64_t rows = std::min<int64_t>(H, rows_per_task(2 * I));  // ~32 KB of each expert's w2 per task
-  run_tasks((H + rows - 1) / rows, [&](int64_t t) {
-    const int64_t n0 = t * rows, n1 = std::min(H, n0 + rows);
-    for (size_t i = 0; i < active.size(); ++i) {
-      const int64_t e = active[i], r0 = start[e], M = start[e + 1] - r0;
-      const bf16* then = i + 1 < active.size() ? w2p + (active[i + 1] * H + n0) * I : nullptr;  // next expert's rows
-      const int64_t* tok = token.data() + r0;
-      const float* wt = weight.data() + r0;
-      gemm_rows(hp + r0 * I, I, M, w2p + e * H * I, H, I, n0, n1, [&](int64_t m, int64_t n, float v) {
-        accp[tok[m] * H + n] += to_float(round_bf16(v)) * wt[m];
-      }, then);
-    }
-    for (int64_t tok = 0; tok < T; ++tok)
-      for (int64_t n = n0; n < n1; ++n) yp[tok * H + n] = round_bf16(accp[tok * H + n]);
-  });
+  // Routed rows: weighted, summed in float32 in expert order (as the torch path's index_add_) and rounded once;
+  // the shared expert's output is rounded on its own, then added in bf16 (as `y + shared_experts(x)`).
+  run_experts(ex, H, gu.data_ptr<bf16>(), h.data_ptr<bf16>(), 2 * Imax, Imax,
+              [&](size_t i, int64_t m, int64_t n, float v) {
+                if (i < routed) {
+                  const int64_t r = ex[i].r0 + m;
+                  accp[token[r] * H + n] += to_float(round_bf16(v)) * weight[r];
+                } else {
+                  ysp[m * H + n] = round_bf16(v);
+                }
+              },
+              [&](int64_t n0, int64_t n1) {
+                for (int64_t tok = 0; tok < T; ++tok)
+                  for (int64_t n = n0; n < n1; ++n) {
+                    const bf16 r = round_bf16(accp[tok * H + n]);
+                    yp[tok * H + n] = shared ? round_bf16(to_float(r) + to_float(ysp[tok * H + n])) : r;
+                  }
+              });
   return y;
+}
+
+// The router of a MoE layer: logits = x W^T in float32 (W (E, H) float32), scores = sigmoid(logits), the top_k
+// experts by scores + bias (ties to the lower id) among the topk_group best of n_group groups (a group scores the
+// sum of its two best biased scores), their unbiased scores as weights, normalised to sum 1 (norm) and times
+// scale. Returns weights (T, top_k) float32 and ids (T, top_k) int64, in descending order of the biased score, as
+// select_experts (its twin) returns them.
+std::vector<at::Tensor> route(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t top_k,
+                              int64_t n_group, int64_t topk_group, bool norm, double scale) {
+  check_bf16_matrix(x, "x", 2);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(1) == x.size(1),
+              "router weight ", w.sizes(), " must be contiguous float32 (E, H) with H=", x.size(1));
+  const int64_t T = x.size(0), H = x.size(1), E = w.size(0);
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == E && top_k >= 1 && top_k <= E,
+              "bias ", bias.sizes(), " / top_k ", top_k, " do not fit ", E, " experts");
+  TORCH_CHECK(x.stride(1) == 1, "x rows must be contiguous");
+  TORCH_CHECK(n_group >= 1 && E % n_group == 0 && E / n_group >= (n_group > 1 ? 2 : 1) && topk_group >= 1 &&
+              topk_group <= n_group, "n_group ", n_group, " / topk_group ", topk_group, " do not fit ", E, " experts");
+  const at::Tensor b = bias.contiguous();
+  at::Tensor weights = at::empty({T, top_k}, x.options().dtype(at::kFloat));
+  at::Tensor ids = at::empty({T, top_k}, x.options().dtype(at::kLong));
+  const bf16* xp = x.data_ptr<bf16>();
+  const float *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* op = weights.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  run_tasks(T, [&](int64_t t) {
+    std::vector<float> xf(H), score(E), choice(E);
+    const bf16* xr = xp + t * x.stride(0);
+    for (int64_t k = 0; k < H; ++k) xf[k] = to_float(xr[k]);
+    for (int64_t e = 0; e < E; ++e) {
+      const float* we = wp + e * H;
+      __m512 acc = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + 16 <= H; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(xf.data() + k), _mm512_loadu_ps(we + k), acc);
+      float logit = _mm512_reduce_add_ps(acc);
+      for (; k < H; ++k) logit += xf[k] * we[k];
+      score[e] = 1.f / (1.f + std::exp(-logit));
+      choice[e] = score[e] + bp[e];
+    }
+    const auto better = [](const std::vector<float>& v) {
+      return [&v](int64_t a, int64_t c) { return v[a] > v[c] || (v[a] == v[c] && a < c); };
+    };
+    if (n_group > 1) {  // experts outside the best topk_group groups drop out
+      const int64_t per = E / n_group;
+      std::vector<float> group(n_group);
+      std::vector<int64_t> groups(n_group);
+      for (int64_t g = 0; g < n_group; ++g) {
+        float a = -INFINITY, c = -INFINITY;  // the two best of the group
+        for (int64_t e = g * per; e < (g + 1) * per; ++e) {
+          if (choice[e] > a) { c = a; a = choice[e]; }
+          else if (choice[e] > c) c = choice[e];
+        }
+        group[g] = a + c;
+        groups[g] = g;
+      }
+      std::partial_sort(groups.begin(), groups.begin() + topk_group, groups.end(), better(group));
+      std::vector<char> keep(n_group, 0);
+      for (int64_t i = 0; i < topk_group; ++i) keep[groups[i]] = 1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!keep[e / per]) choice[e] = -INFINITY;
+    }
+    std::vector<int64_t> order(E);
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + top_k, order.end(),
+                      better(choice));
+    float sum = 0.f;
+    for (int64_t k = 0; k < top_k; ++k) sum += score[order[k]];
+    for (int64_t k = 0; k < top_k; ++k) {
+      ip[t * top_k + k] = order[k];
+      const float v = norm ? score[order[k]] / (sum + 1e-20f) : score[order[k]];
+      op[t * top_k + k] = v * static_cast<float>(scale);
+    }
+  });
+  return {weights, ids};
 }
 
 // ---- decode attention
@@ -710,7 +831,10 @@ bool cpu_supported() { return __builtin_cpu_supports("avx512bf16") && __builtin_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x @ weight.T (+ bias) for a few bf16 rows", py::arg("x"), py::arg("weight"),
         py::arg("bias") = py::none(), py::arg("float_out") = false);
-  m.def("routed_experts", &routed_experts, "weighted sum of each token's routed experts (bf16)");
+  m.def("routed_experts", &routed_experts, "weighted sum of each token's routed experts, plus the shared expert (bf16)",
+        py::arg("x"), py::arg("w13"), py::arg("w2"), py::arg("weights"), py::arg("ids"),
+        py::arg("shared_w13") = py::none(), py::arg("shared_w2") = py::none());
+  m.def("route", &route, "sigmoid router: bias-corrected, group-limited top-k");
   m.def("decode_attention", &decode_attention, "one query per sequence over paged bf16 K/V (GQA)");
   m.def("prefill_attention", &prefill_attention, "causal attention of a chunk of queries over paged bf16 K/V",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("ctx"),

@@ -122,8 +122,20 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, H)
-        weights, ids = self.gate(x)
-        y = self.experts(x, weights, ids)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+        gate, experts, shared = self.gate, self.experts, self.shared_experts
+        if kernels.fits(x, experts.w13, kernels.EXPERTS_MAX_TOKENS):
+            # bf16 on an AVX512-BF16 CPU: the router (for a decode step's few tokens) and then the routed and
+            # shared experts in one call each; the code below is their twin.
+            if kernels.fits(x, experts.w13, kernels.ROUTE_MAX_TOKENS):
+                weights, ids = kernels.route(x, gate.weight, gate.e_score_correction_bias, gate.top_k, gate.n_group,
+                                             gate.topk_group, gate.norm_topk_prob, gate.scale)
+            else:
+                weights, ids = gate(x)
+            y = kernels.routed_experts(x, experts.w13, experts.w2, weights, ids,
+                                       *((shared.gate_up_proj.weight, shared.down_proj.weight) if shared else ()))
+            return y.view(shape)
+        weights, ids = gate(x)
+        y = experts(x, weights, ids)
+        if shared is not None:
+            y = y + shared(x)
         return y.view(shape)
