@@ -128,8 +128,10 @@ inline void gemm_rows(const bf16* x, int64_t ldx, int64_t M, const bf16* W, int6
   }
 }
 
-// Runs task(0..ntasks-1) on torch's intra-op threads, each thread taking the next task when it is done
-// (dynamic, so a thread slowed down by another process does not hold the others up).
+// Runs task(0..ntasks-1) on torch's intra-op threads. Thread i owns the i-th contiguous share of the tasks and
+// takes them in order, so that each thread reads its weights as one sequential stream (what the prefetching in
+// gemm_rows assumes); a thread done with its share takes the next tasks of the others' (so a thread slowed down
+// by another process does not hold the step up).
 template <typename Task>
 void run_tasks(int64_t ntasks, const Task& task) {
   const int64_t nt = std::min<int64_t>(at::get_num_threads(), ntasks);
@@ -137,9 +139,14 @@ void run_tasks(int64_t ntasks, const Task& task) {
     for (int64_t i = 0; i < ntasks; ++i) task(i);
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < ntasks;) task(i);
+  std::vector<std::atomic<int64_t>> next(nt);
+  for (int64_t r = 0; r < nt; ++r) next[r].store(ntasks * r / nt, std::memory_order_relaxed);
+  at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t self = begin; self < end; ++self)
+      for (int64_t k = 0; k < nt; ++k) {
+        const int64_t r = (self + k) % nt, stop = ntasks * (r + 1) / nt;
+        for (int64_t i; (i = next[r].fetch_add(1, std::memory_order_relaxed)) < stop;) task(i);
+      }
   });
 }
 
