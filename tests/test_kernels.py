@@ -81,9 +81,12 @@ def routing(T, E, K, seed):
     return torch.rand(T, K, generator=g) * 2, ids
 
 
-# (E, H, I) x (T tokens, top-K): few tokens leave most experts idle; I = 20 and H = 40 leave vector tails.
+# (E, H, I) x (T tokens, top-K): few tokens leave most experts idle; I = 20 and H = 40 leave vector tails. The last
+# ones have >= 32 rows per expert, a prefill chunk's path (activations packed by 16 tokens): group tails, K tails
+# of the 16-wide transposes (H = 40, 96), column chunks of 8 (I = 40); an odd H cannot pack and reads in place.
 EXPERT_CASES = [(E, H, I, T, K) for E, H, I in [(8, 64, 32), (6, 40, 20), (16, 256, 96)]
-                for T, K in [(1, 1), (1, 6), (3, 2), (5, 5), (16, 6), (16, 1)]] + [(64, 128, 64, 16, 8)]
+                for T, K in [(1, 1), (1, 6), (3, 2), (5, 5), (16, 6), (16, 1)]] + [(64, 128, 64, 16, 8)] + [
+                (6, 40, 20, 100, 3), (8, 64, 32, 300, 2), (4, 96, 40, 70, 4), (64, 256, 64, 600, 8), (4, 33, 16, 100, 2)]
 
 
 @pytest.mark.parametrize("E, H, I, T, K", EXPERT_CASES)
@@ -124,7 +127,7 @@ def moe_layer(config, seed):
     return moe.bfloat16().requires_grad_(False)
 
 
-@pytest.mark.parametrize("T", [1, 3, 16, 100])
+@pytest.mark.parametrize("T", [1, 3, 16, 100, 300])
 @pytest.mark.parametrize("shared_width", [0, 1, 2])  # no shared expert, one as wide as a routed one, twice as wide
 def test_moe_block_with_router_and_shared_expert_kernels_equals_the_torch_path(monkeypatch, T, shared_width):
     """MoE.forward takes kernels.route (for <= ROUTE_MAX_TOKENS tokens) and one routed_experts call with the shared

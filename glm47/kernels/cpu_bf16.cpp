@@ -185,15 +185,18 @@ inline __m512 bf16x16_to_float(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// bf16(bf16(silu(g)) * u) for 16 gate and up values that are bf16 (held as floats): F.silu(gate) * up.
+inline __m256i silu_mul16(__m512 g, __m512 u) {
+  const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+  return round_bf16x16(_mm512_mul_ps(bf16x16_to_float(round_bf16x16(s)), u));
+}
+
 // h[j] = bf16(bf16(silu(gate[j])) * up[j]) for n values: F.silu(gate) * up on bf16 tensors, vectorised.
 inline void silu_mul(const bf16* gate, const bf16* up, bf16* h, int64_t n) {
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-    const __m512 g = bf16x16_to_float(_mm256_maskz_loadu_epi16(m, gate + j));
-    const __m512 u = bf16x16_to_float(_mm256_maskz_loadu_epi16(m, up + j));
-    const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-    const __m512 prod = _mm512_mul_ps(bf16x16_to_float(round_bf16x16(s)), u);
-    _mm256_mask_storeu_epi16(h + j, m, round_bf16x16(prod));
+    _mm256_mask_storeu_epi16(h + j, m, silu_mul16(bf16x16_to_float(_mm256_maskz_loadu_epi16(m, gate + j)),
+                                                  bf16x16_to_float(_mm256_maskz_loadu_epi16(m, up + j))));
   }
 }
 
@@ -237,25 +240,180 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   return y;
 }
 
-// One expert's share of a MoE call: its weights, its rows of x (M of them, at x with row stride H) and where its
-// rows start in the gate/up and hidden buffers.
+// ---- many tokens per expert: activations packed by 16 tokens, weights read in place
+
+// out[j * ldo + i] = row_i[j] for 16 rows of 16 32-bit words: three rounds of interleaving (32-bit, 64-bit, then
+// 128-bit lanes twice).
+inline void transpose16(const uint32_t* const* row, uint32_t* out, int64_t ldo) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(row[i]);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + i * ldo, r[i]);
+}
+
+// A group of n <= 16 rows of K bf16 (K even) packed by pairs: out[kp * 16 + i] = the 32-bit pair
+// (row_i[2kp], row_i[2kp + 1]), zeros for i >= n (zero: K / 2 zero words). row_at(i) points at row i.
+template <typename RowAt>
+inline void pack_group(const RowAt& row_at, int64_t n, int64_t K, const uint32_t* zero, uint32_t* out) {
+  const uint32_t* row[16];
+  for (int64_t i = 0; i < 16; ++i) row[i] = i < n ? reinterpret_cast<const uint32_t*>(row_at(i)) : zero;
+  int64_t kp = 0;
+  for (; kp + 16 <= K / 2; kp += 16) {
+    const uint32_t* src[16];
+    for (int i = 0; i < 16; ++i) src[i] = row[i] + kp;
+    transpose16(src, out + kp * 16, 16);
+  }
+  for (; kp < K / 2; ++kp)
+    for (int i = 0; i < 16; ++i) out[kp * 16 + i] = row[i][kp];
+}
+
+// out[r * 16 * NG + 16 * g + i] = dot(w_r, token i of group g) for 8 weight rows (pointers, K = 2 KP long) and NG
+// groups of 16 packed tokens (group g at xp + g * gstride): per pair of k, NG loads and 8 broadcasts feed 8 * NG
+// dpbf16, with no horizontal sums.
+template <int NG>
+inline void vnni_tile(const bf16* const* w, const uint32_t* xp, int64_t gstride, int64_t KP, float* out) {
+  __m512 acc[8][NG];
+  for (int r = 0; r < 8; ++r)
+    for (int g = 0; g < NG; ++g) acc[r][g] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    __m512bh xv[NG];
+    for (int g = 0; g < NG; ++g) xv[g] = (__m512bh)_mm512_loadu_si512(xp + g * gstride + kp * 16);
+    for (int r = 0; r < 8; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, w[r] + 2 * kp, 4);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int g = 0; g < NG; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], a, xv[g]);
+    }
+  }
+  for (int r = 0; r < 8; ++r)
+    for (int g = 0; g < NG; ++g) _mm512_storeu_ps(out + r * 16 * NG + 16 * g, acc[r][g]);
+}
+
+// For rows [n0, n1) of W (row-major, K long) and the tokens packed in `groups` groups of 16 (group g at
+// xp + g * gstride): out[(n - n0) * ldo + 16 g + i] = dot(W row n, token i of group g), float32, one vector store
+// per row and group. Weight rows go 8 at a time (a short tile repeats its last row), each tile serving every group
+// from L1, two groups per pass (callers pass at most 16 groups, 256 tokens, which stay in L2 meanwhile). Each tile
+// prefetches the next one; the last prefetches the 8 rows at `then` (where the caller reads next), when given.
+inline void vnni_rows(const uint32_t* xp, int64_t gstride, int64_t groups, const bf16* W, int64_t K, int64_t n0,
+                      int64_t n1, float* out, int64_t ldo, const bf16* then = nullptr) {
+  alignas(64) float tile[8 * 32];
+  const bf16* w[8];
+  for (int64_t n = n0; n < n1; n += 8) {
+    const int64_t nr = std::min<int64_t>(8, n1 - n);
+    for (int r = 0; r < 8; ++r) w[r] = W + (n + std::min<int64_t>(r, nr - 1)) * K;
+    const bool last = n + 8 >= n1;
+    const char* next = reinterpret_cast<const char*>(last ? then : W + (n + 8) * K);
+    const int64_t ahead = !next ? 0 : last ? 8 : std::min<int64_t>(8, n1 - n - 8);
+    for (int64_t off = 0; off < ahead * K * 2; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+    for (int64_t g = 0; g < groups; g += 2) {
+      if (groups - g >= 2) vnni_tile<2>(w, xp + g * gstride, gstride, K / 2, tile);
+      else vnni_tile<1>(w, xp + g * gstride, gstride, K / 2, tile);
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t c = 0; c < std::min<int64_t>(2, groups - g); ++c)
+          _mm512_storeu_ps(out + (n - n0 + r) * ldo + 16 * (g + c),
+                           _mm512_load_ps(tile + r * 16 * std::min<int64_t>(2, groups - g) + 16 * c));
+    }
+  }
+}
+
+// Groups of 16 tokens per block of the packed path: 256 tokens' activations stay in L2 while a block runs.
+constexpr int64_t BLOCK_GROUPS = 16;
+
+// A grow-only scratch buffer per thread: the packed path's blocks are tens of MB for a long prefill chunk, and a
+// fresh allocation each call would page-fault them in every time.
+template <typename T>
+T* scratch(int slot, size_t n) {
+  thread_local std::vector<T> buffers[3];
+  if (buffers[slot].size() < n) buffers[slot].resize(n);
+  return buffers[slot].data();
+}
+
+// One expert's share of a MoE call: its weights, its M rows of x (row m at x + m * H, or at x + tok[m] * H when tok
+// is given: packed calls read the tokens in place), where its rows start in the gate/up and hidden buffers, and
+// (packed calls) its first group of 16 in the packed buffers.
 struct ExpertRows {
   const bf16* w13;  // (2I, H)
   const bf16* w2;  // (H, I)
   int64_t I;
   const bf16* x;
-  int64_t M, r0;
+  const int64_t* tok;
+  int64_t M, r0, g0;
 };
+
+// Average rows per expert from which run_experts packs the activations (vnni_rows) instead of reading them
+// in place (gemm_rows): a prefill chunk, not a decode step.
+constexpr int64_t PACKED_MIN_ROWS = 32;
+
+// Whether run_experts takes the packed path for these experts (K values must come in pairs).
+inline bool packs(const std::vector<ExpertRows>& ex, int64_t H) {
+  int64_t rows = 0;
+  bool even = H % 2 == 0;
+  for (const auto& e : ex) {
+    rows += e.M;
+    even = even && e.I % 2 == 0;
+  }
+  return even && !ex.empty() && rows >= PACKED_MIN_ROWS * static_cast<int64_t>(ex.size());
+}
 
 // gate/up, SiLU-and-multiply and down projection of several experts' rows, two parallel passes:
 //  1. a task is one expert's columns [j0, j1) of I, i.e. gate rows j0..j1 and up rows I + j0..I + j1 of w13; it
 //     owns h[rows of the expert, j0:j1] outright (column chunks a multiple of 32: no two tasks share a cache line);
-//  2. a task is rows [n0, n1) of H for every expert, in order, so that it owns out[:, n0:n1]; for expert i and its
-//     row m, store(i, m, n, v) gets the float32 sum v of the down projection, then done(n0, n1) is called.
-// gu and h are (rows, 2 * max I) and (rows, max I) scratch buffers.
-template <typename Store, typename Done>
-void run_experts(const std::vector<ExpertRows>& ex, int64_t H, bf16* gu, bf16* h, int64_t ldgu, int64_t ldh,
-                 const Store& store, const Done& done) {
+//  2. a task is rows [n0, n1) of H for every expert, in order, so that it owns out[:, n0:n1]; the float32 sums of
+//     expert i's down projection go to a task-local block, out[m * ld + n - n0] for its rows m, and then
+//     flush(i, out, ld, n0, n1) consumes them (vectors, not one scattered read-modify-write per value); after
+//     the last expert, done(n0, n1) is called.
+// gu and h are (rows, 2 * max I) and (rows, max I) scratch buffers. With many rows per expert (packed), x is first
+// packed by 16 rows, and pass 1 also writes h packed for pass 2.
+template <typename Flush, typename Done>
+void run_experts(std::vector<ExpertRows>& ex, int64_t H, bf16* gu, bf16* h, int64_t ldgu, int64_t ldh,
+                 const Flush& flush, const Done& done) {
+  int64_t Imin = ex.empty() ? 1 : ex[0].I, Imax = 0, groups = 0;
+  for (auto& e : ex) {
+    Imin = std::min(Imin, e.I);
+    Imax = std::max(Imax, e.I);
+    e.g0 = groups;
+    groups += (e.M + 15) / 16;
+  }
+  const bool packed = packs(ex, H);
+  const int64_t xstride = H / 2 * 16, hstride = Imax / 2 * 16;  // words per packed group
+  uint32_t *xpk = nullptr, *hpk = nullptr;
+  if (packed) {
+    xpk = scratch<uint32_t>(0, groups * xstride);
+    hpk = scratch<uint32_t>(1, groups * hstride);
+    const uint32_t* zero = scratch<uint32_t>(2, H / 2);
+    std::fill_n(scratch<uint32_t>(2, H / 2), H / 2, 0u);
+    std::vector<std::pair<int64_t, int64_t>> work;  // (expert, group)
+    for (size_t i = 0; i < ex.size(); ++i)
+      for (int64_t g = 0; g * 16 < ex[i].M; ++g) work.emplace_back(static_cast<int64_t>(i), g);
+    run_tasks(static_cast<int64_t>(work.size()), [&](int64_t t) {
+      const ExpertRows& e = ex[work[t].first];
+      const int64_t g = work[t].second;
+      const auto row = [&](int64_t i) { return e.x + (e.tok ? e.tok[g * 16 + i] : g * 16 + i) * H; };
+      pack_group(row, std::min<int64_t>(16, e.M - g * 16), H, zero, xpk + (e.g0 + g) * xstride);
+    });
+  }
+
   const int64_t cols = std::max<int64_t>(32, rows_per_task(H) / 2 & ~31);  // of I per task
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (expert, j0)
   for (size_t i = 0; i < ex.size(); ++i)
@@ -263,22 +421,68 @@ void run_experts(const std::vector<ExpertRows>& ex, int64_t H, bf16* gu, bf16* h
   run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
     const ExpertRows& e = ex[tasks[t].first];
     const int64_t I = e.I, j0 = tasks[t].second, j1 = std::min(I, j0 + cols);
+    if (packed) {  // per block of 256 tokens: gate and up as (column, token), then h straight into its pairs
+      const int64_t ng = (e.M + 15) / 16, ldo = BLOCK_GROUPS * 16 + 16, nc = j1 - j0;  // + 16: no 4 KB stride
+      float* gate = scratch<float>(0, 2 * nc * ldo);
+      float* up = gate + nc * ldo;
+      const __m512i lo = _mm512_setr_epi32(0x100000, 0x110001, 0x120002, 0x130003, 0x140004, 0x150005, 0x160006,
+                                           0x170007, 0x180008, 0x190009, 0x1A000A, 0x1B000B, 0x1C000C, 0x1D000D,
+                                           0x1E000E, 0x1F000F);  // (a[i], b[i]) of two 16-value halves
+      for (int64_t b = 0; b < ng; b += BLOCK_GROUPS) {
+        const int64_t bg = std::min(BLOCK_GROUPS, ng - b);
+        const uint32_t* xb = xpk + (e.g0 + b) * xstride;
+        vnni_rows(xb, xstride, bg, e.w13, H, j0, j1, gate, ldo, e.w13 + (I + j0) * H);
+        vnni_rows(xb, xstride, bg, e.w13, H, I + j0, I + j1, up, ldo, b + bg < ng ? e.w13 + j0 * H : nullptr);
+        for (int64_t j = 0; j < nc; j += 2)
+          for (int64_t g = 0; g < bg; ++g) {
+            __m256i hv[2];
+            for (int c = 0; c < 2; ++c)
+              hv[c] = silu_mul16(bf16x16_to_float(round_bf16x16(_mm512_loadu_ps(gate + (j + c) * ldo + 16 * g))),
+                                 bf16x16_to_float(round_bf16x16(_mm512_loadu_ps(up + (j + c) * ldo + 16 * g))));
+            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(hv[0]), hv[1], 1);
+            // pairs (h_j, h_j+1) of the group's 16 tokens; tokens past M multiply zeros: h = 0 there
+            _mm512_storeu_si512(hpk + (e.g0 + b + g) * hstride + (j0 + j) / 2 * 16, _mm512_permutexvar_epi16(lo, both));
+          }
+      }
+      return;
+    }
     bf16* gue = gu + e.r0 * ldgu;
     const auto st = [&](int64_t m, int64_t n, float v) { gue[m * ldgu + n] = round_bf16(v); };
     gemm_rows(e.x, H, e.M, e.w13, 2 * I, H, j0, j1, st, e.w13 + (I + j0) * H);
     gemm_rows(e.x, H, e.M, e.w13, 2 * I, H, I + j0, I + j1, st);
-    for (int64_t m = 0; m < e.M; ++m) silu_mul(gue + m * ldgu + j0, gue + m * ldgu + I + j0, h + (e.r0 + m) * ldh + j0, j1 - j0);
+    for (int64_t m = 0; m < e.M; ++m)
+      silu_mul(gue + m * ldgu + j0, gue + m * ldgu + I + j0, h + (e.r0 + m) * ldh + j0, j1 - j0);
   });
-  int64_t Imin = ex.empty() ? 1 : ex[0].I;
-  for (const auto& e : ex) Imin = std::min(Imin, e.I);
   const int64_t rows = std::min<int64_t>(H, rows_per_task(2 * Imin));  // ~32 KB of each expert's w2 per task
+  int64_t Mmax = 0;
+  for (const auto& e : ex) Mmax = std::max(Mmax, e.M);
   run_tasks((H + rows - 1) / rows, [&](int64_t t) {
-    const int64_t n0 = t * rows, n1 = std::min(H, n0 + rows);
+    const int64_t n0 = t * rows, n1 = std::min(H, n0 + rows), ld = (n1 - n0 + 15) / 16 * 16;
+    float* op = scratch<float>(1, (Mmax + 15) / 16 * 16 * ld);
+    const auto st = [&](int64_t m, int64_t n, float v) { op[m * ld + n - n0] = v; };
     for (size_t i = 0; i < ex.size(); ++i) {
       const ExpertRows& e = ex[i];
-      const bf16* then = i + 1 < ex.size() ? ex[i + 1].w2 + n0 * ex[i + 1].I : nullptr;  // the next expert's rows
-      gemm_rows(h + e.r0 * ldh, ldh, e.M, e.w2, H, e.I, n0, n1,
-                [&](int64_t m, int64_t n, float v) { store(i, m, n, v); }, then);
+      if (packed) {  // per block of 256 tokens: (column, token), then 16 x 16 transposes to (token, column)
+        const int64_t ng = (e.M + 15) / 16, ldt = BLOCK_GROUPS * 16 + 16;  // + 16: rows not 4 KB apart (L1 sets)
+        float* cols = scratch<float>(2, ld * ldt);
+        for (int64_t b = 0; b < ng; b += BLOCK_GROUPS) {
+          const int64_t bg = std::min(BLOCK_GROUPS, ng - b);
+          const bf16* then = b + bg < ng ? e.w2 + n0 * e.I : i + 1 < ex.size() ? ex[i + 1].w2 + n0 * ex[i + 1].I
+                                                                                : nullptr;
+          vnni_rows(hpk + (e.g0 + b) * hstride, hstride, bg, e.w2, e.I, n0, n1, cols, ldt, then);
+          for (int64_t c = 0; c < n1 - n0; c += 16)
+            for (int64_t g = 0; g < bg; ++g) {
+              const uint32_t* src[16];
+              for (int r = 0; r < 16; ++r)  // rows past n1 - n0 repeat a real one; their results are not read
+                src[r] = reinterpret_cast<const uint32_t*>(cols + std::min<int64_t>(c + r, n1 - n0 - 1) * ldt + 16 * g);
+              transpose16(src, reinterpret_cast<uint32_t*>(op + 16 * (b + g) * ld + c), ld);
+            }
+        }
+      } else {
+        const bf16* then = i + 1 < ex.size() ? ex[i + 1].w2 + n0 * ex[i + 1].I : nullptr;  // the next expert's rows
+        gemm_rows(h + e.r0 * ldh, ldh, e.M, e.w2, H, e.I, n0, n1, st, then);
+      }
+      flush(i, static_cast<const float*>(op), ld, n0, n1);
     }
     done(n0, n1);
   });
@@ -323,46 +527,65 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::
   for (int64_t c = 0; c < C; ++c) src[fill[idp[c]]++] = c;  // src[row] = flat (token, k) index
 
   const int64_t Imax = std::max(I, Is), rows_total = C + (shared ? T : 0);  // the shared expert's rows come last
-  at::Tensor xs = at::empty({C, H}, x.options());  // x of each copy, grouped
-  at::Tensor gu = at::empty({rows_total, 2 * Imax}, x.options());  // bf16 gate | up, as F.linear returns them
-  at::Tensor h = at::empty({rows_total, Imax}, x.options());  // bf16(silu(gate) * up)
-  at::Tensor acc = at::zeros({T, H}, x.options().dtype(at::kFloat));
-  at::Tensor ys = at::empty({shared ? T : 0, H}, x.options());  // the shared expert's bf16 output
-  at::Tensor y = at::empty({T, H}, x.options());
-  const bf16* xp = x.data_ptr<bf16>();
-  bf16 *xsp = xs.data_ptr<bf16>(), *ysp = ys.data_ptr<bf16>(), *yp = y.data_ptr<bf16>();
-  float* accp = acc.data_ptr<float>();
   std::vector<int64_t> token(C);  // token of each grouped row
   std::vector<float> weight(C);  // its routing weight
   for (int64_t r = 0; r < C; ++r) {
     token[r] = src[r] / K;
     weight[r] = wtp[src[r]];
-    std::copy_n(xp + token[r] * H, H, xsp + r * H);
   }
+  const bf16* xp = x.data_ptr<bf16>();
   std::vector<ExpertRows> ex;
   for (int64_t e = 0; e < E; ++e)
     if (start[e + 1] > start[e])
-      ex.push_back({w13.data_ptr<bf16>() + e * 2 * I * H, w2.data_ptr<bf16>() + e * H * I, I,
-                    xsp + start[e] * H, start[e + 1] - start[e], start[e]});
+      ex.push_back({w13.data_ptr<bf16>() + e * 2 * I * H, w2.data_ptr<bf16>() + e * H * I, I, xp,
+                    token.data() + start[e], start[e + 1] - start[e], start[e], 0});
   const size_t routed = ex.size();
-  if (shared) ex.push_back({shared_w13->data_ptr<bf16>(), shared_w2->data_ptr<bf16>(), Is, xp, T, C});
+  if (shared) ex.push_back({shared_w13->data_ptr<bf16>(), shared_w2->data_ptr<bf16>(), Is, xp, nullptr, T, C, 0});
+  const bool packed = packs(ex, H);
+  at::Tensor xs = at::empty({packed ? 0 : C, H}, x.options());  // unpacked: x of each copy, grouped
+  at::Tensor gu = at::empty({packed ? 0 : rows_total, 2 * Imax}, x.options());  // bf16 gate | up, as F.linear
+  at::Tensor h = at::empty({packed ? 0 : rows_total, Imax}, x.options());  // bf16(silu(gate) * up)
+  at::Tensor acc = at::zeros({T, H}, x.options().dtype(at::kFloat));
+  at::Tensor ys = at::empty({shared ? T : 0, H}, x.options());  // the shared expert's bf16 output
+  at::Tensor y = at::empty({T, H}, x.options());
+  bf16 *xsp = xs.data_ptr<bf16>(), *ysp = ys.data_ptr<bf16>(), *yp = y.data_ptr<bf16>();
+  float* accp = acc.data_ptr<float>();
+  if (!packed) {  // gemm_rows reads each expert's rows contiguous
+    for (int64_t r = 0; r < C; ++r) std::copy_n(xp + token[r] * H, H, xsp + r * H);
+    for (size_t i = 0; i < routed; ++i) {
+      ex[i].x = xsp + ex[i].r0 * H;
+      ex[i].tok = nullptr;
+    }
+  }
 
   // Routed rows: weighted, summed in float32 in expert order (as the torch path's index_add_) and rounded once;
   // the shared expert's output is rounded on its own, then added in bf16 (as `y + shared_experts(x)`).
   run_experts(ex, H, gu.data_ptr<bf16>(), h.data_ptr<bf16>(), 2 * Imax, Imax,
-              [&](size_t i, int64_t m, int64_t n, float v) {
-                if (i < routed) {
-                  const int64_t r = ex[i].r0 + m;
-                  accp[token[r] * H + n] += to_float(round_bf16(v)) * weight[r];
-                } else {
-                  ysp[m * H + n] = round_bf16(v);
-                }
+              [&](size_t i, const float* out, int64_t ld, int64_t n0, int64_t n1) {
+                const ExpertRows& e = ex[i];
+                for (int64_t m = 0; m < e.M; ++m)
+                  for (int64_t n = n0; n < n1; n += 16) {
+                    const __mmask16 k = n1 - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n1 - n)) - 1);
+                    const __m256i v = round_bf16x16(_mm512_maskz_loadu_ps(k, out + m * ld + n - n0));
+                    if (i < routed) {  // acc[token] += bf16(v) * weight, in expert order
+                      float* a = accp + token[e.r0 + m] * H + n;
+                      const __m512 w = _mm512_set1_ps(weight[e.r0 + m]);
+                      _mm512_mask_storeu_ps(a, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, a),
+                                                                _mm512_mul_ps(bf16x16_to_float(v), w)));
+                    } else {
+                      _mm256_mask_storeu_epi16(ysp + m * H + n, k, v);
+                    }
+                  }
               },
               [&](int64_t n0, int64_t n1) {
                 for (int64_t tok = 0; tok < T; ++tok)
-                  for (int64_t n = n0; n < n1; ++n) {
-                    const bf16 r = round_bf16(accp[tok * H + n]);
-                    yp[tok * H + n] = shared ? round_bf16(to_float(r) + to_float(ysp[tok * H + n])) : r;
+                  for (int64_t n = n0; n < n1; n += 16) {
+                    const __mmask16 k = n1 - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n1 - n)) - 1);
+                    __m256i r = round_bf16x16(_mm512_maskz_loadu_ps(k, accp + tok * H + n));
+                    if (shared)
+                      r = round_bf16x16(_mm512_add_ps(bf16x16_to_float(r), bf16x16_to_float(
+                                                          _mm256_maskz_loadu_epi16(k, ysp + tok * H + n))));
+                    _mm256_mask_storeu_epi16(yp + tok * H + n, k, r);
                   }
               });
   return y;
