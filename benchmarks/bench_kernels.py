@@ -2,7 +2,7 @@
 `bench` model's linear shapes and for its routed experts, at several token counts, next to torch.sum's read
 bandwidth. Weights are cycled through enough copies (>= 256 MB) that they come from memory, not the caches.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_kernels.py [--rows 1,2,4,8,16,32,64] [--repeat 5]
+    python benchmarks/bench_kernels.py [--rows 1,2,4,8,16,32,64] [--repeat 5]
 """
 
 from __future__ import annotations
