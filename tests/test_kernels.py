@@ -186,9 +186,10 @@ def test_decode_attention_equals_gathered_sdpa(monkeypatch, cache, B, S):
 
 
 # (n queries, context_len, H, Hkv, D, block_size): a single query, a chunk shorter and longer than a key block
-# (64), contexts shorter and longer than the chunk, GQA groups of 1, 2, 4 and 8, head_dim 32 to 256.
+# (64), contexts shorter and longer than the chunk, GQA groups of 1, 2, 4, 6 and 8 (30 rows a task: row tails),
+# head_dim 32 to 256 (96: not a multiple of 64).
 PREFILL_CASES = [(1, 0, 4, 2, 64, 16), (5, 0, 16, 2, 128, 16), (70, 0, 4, 4, 32, 16), (37, 100, 8, 2, 128, 32),
-                 (200, 3, 16, 2, 128, 16), (129, 64, 4, 1, 256, 16), (64, 64, 8, 8, 32, 4)]
+                 (200, 3, 16, 2, 128, 16), (129, 64, 4, 1, 256, 16), (64, 64, 8, 8, 32, 4), (33, 10, 6, 1, 96, 16)]
 
 
 def attention_reference(q, k_cache, v_cache, table, ctx, dtype):

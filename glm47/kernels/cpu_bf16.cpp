@@ -900,58 +900,53 @@ void pack_values(const RowAt& row_at, int64_t s0, int64_t len, int64_t D, uint32
   }
 }
 
-// s[m * KB + j] = scale * dot(q_m, k_j) for MT query rows (pointers) and the KB keys of a packed block.
-template <int MT>
-inline void score_tile(const bf16* const* q, const uint32_t* kp, int64_t D, float scale, float* s) {
-  __m512 acc[MT][4];
+// s[m * KB + j] = scale * dot(q_m, k_j) for MT query rows (pointers) and the keys [16 c0, 16 c0 + 16 NC) of a
+// packed block: per pair of dims, NC key loads and MT query broadcasts feed MT * NC dpbf16.
+template <int MT, int NC>
+inline void score_tile(const bf16* const* q, const uint32_t* kp, int64_t D, float scale, float* s, int c0) {
+  __m512 acc[MT][NC];
   for (int m = 0; m < MT; ++m)
-    for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps();
+    for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_setzero_ps();
   for (int64_t dp = 0; dp < D / 2; ++dp) {
-    const uint32_t* k = kp + dp * KB;
-    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k), k1 = (__m512bh)_mm512_loadu_si512(k + 16),
-                   k2 = (__m512bh)_mm512_loadu_si512(k + 32), k3 = (__m512bh)_mm512_loadu_si512(k + 48);
+    const uint32_t* k = kp + dp * KB + 16 * c0;
+    __m512bh kv[NC];
+    for (int c = 0; c < NC; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(k + 16 * c);
     for (int m = 0; m < MT; ++m) {
       uint32_t pair;
       std::memcpy(&pair, q[m] + 2 * dp, 4);
       const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], a, k0);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], a, k1);
-      acc[m][2] = _mm512_dpbf16_ps(acc[m][2], a, k2);
-      acc[m][3] = _mm512_dpbf16_ps(acc[m][3], a, k3);
+      for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], a, kv[c]);
     }
   }
   const __m512 sc = _mm512_set1_ps(scale);
   for (int m = 0; m < MT; ++m)
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(s + m * KB + 16 * c, _mm512_mul_ps(acc[m][c], sc));
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(s + m * KB + 16 * (c0 + c), _mm512_mul_ps(acc[m][c], sc));
 }
 
-// o[m] = o[m] * alpha[m] + sum_j p[m][j] v_j for MT rows (o float32, row stride D; p bf16, row stride KB) and the
-// first 2 * pairs keys of a packed value block. 128 dims (8 accumulators per row) at a time.
-template <int MT>
-inline void pv_tile(const bf16* p, const uint32_t* vp, int64_t D, int64_t pairs, const float* alpha, float* o) {
-  for (int64_t d0 = 0; d0 < D; d0 += 128) {
-    const int nd = static_cast<int>(std::min<int64_t>(128, D - d0) / 16);
-    __m512 acc[MT][8];
-    for (int m = 0; m < MT; ++m) {
-      const __m512 a = _mm512_set1_ps(alpha[m]);
-      for (int c = 0; c < nd; ++c) acc[m][c] = _mm512_mul_ps(_mm512_loadu_ps(o + m * D + d0 + 16 * c), a);
-    }
-    for (int64_t jp = 0; jp < pairs; ++jp) {
-      const uint32_t* v = vp + jp * D + d0;
-      __m512bh pb[MT];
-      for (int m = 0; m < MT; ++m) {
-        uint32_t pair;
-        std::memcpy(&pair, p + m * KB + 2 * jp, 4);
-        pb[m] = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-      }
-      for (int c = 0; c < nd; ++c) {
-        const __m512bh vc = (__m512bh)_mm512_loadu_si512(v + 16 * c);
-        for (int m = 0; m < MT; ++m) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], pb[m], vc);
-      }
-    }
-    for (int m = 0; m < MT; ++m)
-      for (int c = 0; c < nd; ++c) _mm512_storeu_ps(o + m * D + d0 + 16 * c, acc[m][c]);
+// o[m][d0 : d0 + 16 ND] = o[m][...] * alpha[m] + sum_j p[m][j] v_j[...] for MT rows (o float32, row stride D; p bf16,
+// row stride KB) and the first 2 * pairs keys of a packed value block: per pair of keys, ND value loads and MT
+// probability broadcasts feed MT * ND dpbf16.
+template <int MT, int ND>
+inline void pv_tile(const bf16* p, const uint32_t* vp, int64_t D, int64_t d0, int64_t pairs, const float* alpha,
+                    float* o) {
+  __m512 acc[MT][ND];
+  for (int m = 0; m < MT; ++m) {
+    const __m512 a = _mm512_set1_ps(alpha[m]);
+    for (int c = 0; c < ND; ++c) acc[m][c] = _mm512_mul_ps(_mm512_loadu_ps(o + m * D + d0 + 16 * c), a);
   }
+  for (int64_t jp = 0; jp < pairs; ++jp) {
+    const uint32_t* v = vp + jp * D + d0;
+    __m512bh vc[ND];
+    for (int c = 0; c < ND; ++c) vc[c] = (__m512bh)_mm512_loadu_si512(v + 16 * c);
+    for (int m = 0; m < MT; ++m) {
+      uint32_t pair;
+      std::memcpy(&pair, p + m * KB + 2 * jp, 4);
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int c = 0; c < ND; ++c) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], pb, vc[c]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int c = 0; c < ND; ++c) _mm512_storeu_ps(o + m * D + d0 + 16 * c, acc[m][c]);
 }
 
 // Causal attention of one sequence's chunk of n queries (positions ctx .. ctx + n - 1) over its keys 0 .. ctx + n - 1
@@ -1006,8 +1001,9 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
     for (int64_t b = 0; b * KB < keys; ++b) {
       const uint32_t* blk = packed.data() + (g * nblocks + b) * block_words;
       int64_t r = 0;
-      for (; r + 4 <= R; r += 4) score_tile<4>(rows.data() + r, blk, D, sc, s.data() + r * KB);
-      for (; r < R; ++r) score_tile<1>(rows.data() + r, blk, D, sc, s.data() + r * KB);
+      for (; r + 8 <= R; r += 8)  // 8 rows x 32 keys: half the key loads of 4 x 64
+        for (int c0 = 0; c0 < 4; c0 += 2) score_tile<8, 2>(rows.data() + r, blk, D, sc, s.data() + r * KB, c0);
+      for (; r < R; ++r) score_tile<1, 4>(rows.data() + r, blk, D, sc, s.data() + r * KB, 0);
       const int64_t used = std::min(KB, keys - b * KB);  // keys of this block any row sees
       for (r = 0; r < R; ++r) {
         const int64_t sees = std::min<int64_t>(used, ctx + i0 + r / G + 1 - b * KB);  // keys this row sees here
@@ -1039,9 +1035,15 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
       }
       const int64_t pairs = (used + 1) / 2;
       const uint32_t* vals = blk + W * KB;
-      for (r = 0; r + 2 <= R; r += 2)
-        pv_tile<2>(p.data() + r * KB, vals, D, pairs, alpha.data() + r, o.data() + r * D);
-      if (r < R) pv_tile<1>(p.data() + r * KB, vals, D, pairs, alpha.data() + r, o.data() + r * D);
+      for (r = 0; r + 4 <= R; r += 4) {  // 4 rows x 64 dims: half the value loads of 2 x 128
+        for (int64_t d0 = 0; d0 + 64 <= D; d0 += 64)
+          pv_tile<4, 4>(p.data() + r * KB, vals, D, d0, pairs, alpha.data() + r, o.data() + r * D);
+        if (D % 64)  // D is a multiple of 32
+          pv_tile<4, 2>(p.data() + r * KB, vals, D, D - 32, pairs, alpha.data() + r, o.data() + r * D);
+      }
+      for (; r < R; ++r)
+        for (int64_t d0 = 0; d0 < D; d0 += 32)
+          pv_tile<1, 2>(p.data() + r * KB, vals, D, d0, pairs, alpha.data() + r, o.data() + r * D);
     }
     for (int64_t r = 0; r < R; ++r) {
       const __m512 inv = _mm512_set1_ps(1.f / sum[r]);
