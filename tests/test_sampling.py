@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from glm47.engine.sampling import (SamplingParams, apply_penalties, apply_temperature, mask_stop_tokens,
+from glm47.engine.sampling import (SamplingParams, argmax_rows, apply_penalties, apply_temperature, mask_stop_tokens,
                                    min_p_filter, sample, token_counts, top_k_filter, top_p_filter)
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
@@ -256,3 +256,22 @@ def test_top_k_filter_with_mixed_k_keeps_exactly_k_per_row():
     out = top_k_filter(logits, torch.tensor([1, 50, 0]))
     assert [int(torch.isfinite(r).sum()) for r in out] == [1, 50, 5000]
     assert int(out[1].argmax()) == int(logits[1].argmax())
+
+
+def test_argmax_rows_equals_torch_argmax_with_ties_nan_and_infinities():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 8 * 1024, generator=g)
+    x[1, 5000] = x[1, 300] = 50.0  # a tie across slices: the first wins
+    x[2, 100] = x[2, 101] = 50.0  # a tie inside a slice
+    x[3, 7000] = float("nan")  # NaN counts as the largest
+    x[3, 9] = float("inf")
+    x[4] = float("-inf")  # nothing finite: index 0
+    x[5, 6000] = float("nan")
+    x[5, 2000] = float("nan")
+    x[6] = 1.0  # all equal
+    x[7, -1] = 9.0  # the very last index
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    odd = torch.randn(3, 1000, generator=g)  # shorter than a slice, and not a multiple of it: plain argmax
+    assert torch.equal(argmax_rows(odd), odd.argmax(-1))
+    small = torch.randint(0, 5, (6, 3003), generator=g).float()  # many ties, slices of 7
+    assert torch.equal(argmax_rows(small, chunk=7), small.argmax(-1))

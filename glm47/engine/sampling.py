@@ -221,6 +221,18 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]]]  # (id, raw log-prob), most likely first; [] when not asked
 
 
+def argmax_rows(x: Tensor, chunk: int = 1024) -> Tensor:
+    """x.argmax(-1) for a 2-D float tensor, found through the maxima of `chunk`-wide slices (one vectorised pass)
+    and then the first best slice of each row: torch's argmax over a 151,552-wide row is scalar, ~0.7 ms for 16
+    rows against ~0.1 ms this way. The same index in every case, ties (the first) and NaN (the first) included."""
+    n, vocab = x.shape
+    if vocab % chunk or vocab <= chunk:
+        return x.argmax(-1)
+    slices = x.view(n, vocab // chunk, chunk)
+    best = slices.amax(-1).argmax(-1)  # the first slice holding the row's maximum (or its first NaN)
+    return best * chunk + slices[torch.arange(n, device=x.device), best].argmax(-1)
+
+
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            prompt_ids: list[list[int]], output_ids: list[list[int]], stop_ids: list[list[int]] | None = None,
            default_generator: torch.Generator | None = None) -> SampleOutput:
@@ -254,7 +266,7 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
                                  _column(params, "repetition_penalty", dev), _column(params, "presence_penalty", dev),
                                  _column(params, "frequency_penalty", dev))
 
-    token_ids = logits.argmax(-1)
+    token_ids = argmax_rows(logits)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         sub = [params[i] for i in rows]
@@ -267,7 +279,7 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
         if any(p.min_p > 0 for p in sub):
             x = min_p_filter(x, _column(sub, "min_p", dev))
         noise = _exponential_noise(x, [generators[i] for i in rows], default_generator)
-        token_ids[idx] = (x.softmax(-1) / noise).argmax(-1)
+        token_ids[idx] = argmax_rows(x.softmax(-1) / noise)
 
     logprobs: list[float | None] = [None] * n
     top: list[list[tuple[int, float]]] = [[] for _ in range(n)]
