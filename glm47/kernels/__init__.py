@@ -1,11 +1,11 @@
-"""Hand-written CPU kernels for a bf16 model's decode steps (cpu_bf16.cpp): a skinny linear that streams the
-weight once for a few rows, the routed experts of a MoE layer in one call, and one-query attention over the
-paged KV cache. Compiled with torch.utils.cpp_extension on first use, cached in torch's extension directory.
+"""Hand-written CPU kernels for a bf16 model (cpu_bf16.cpp): a skinny linear that streams the weight once for a
+few rows, the MoE router, the routed and shared experts of a MoE layer in one call (decode steps and prefill
+chunks), q/k RMSNorm + RoPE, one-query attention over the paged KV cache, and flash attention over it for
+prefill chunks. Compiled with torch.utils.cpp_extension on first use, cached in torch's extension directory.
 
 They only replace torch code, never add behaviour: `fits` says when they apply (CPU, bf16, AVX512-BF16, few
 enough rows, no autograd, GLM47_KERNELS not 0, the build worked), and otherwise the torch path runs. That
-torch path is their reference, rounding at the same points: tests/test_kernels.py holds the two equal.
-"""
+torch path is their reference, rounding at the same points: tests/test_kernels.py holds the two equal."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 # Most rows (tokens) each kernel takes. Measured on a 2-core AVX512-BF16 EPYC (no AMX) with the `bench` model's
 # shapes (benchmarks/bench_kernels.py): the linear beats oneDNN 1.1-2.2x up to 16 rows and ~1.3x at 32 (but
 # 0.93x for K=3072), ties at 64 and loses from 128 on (oneDNN's packed GEMM is better once compute-bound); the
-# routed experts beat the grouped torch path at every size tried, 1 to 2,048 tokens (2-3x below 512, 1.6x at
-# 2,048), so they take prefill chunks too.
+# routed experts beat the grouped torch path at every size tried, 1 to 2,048 tokens (3-4x below 512, 2.5x at
+# 2,048 with the packed prefill path), so they take prefill chunks too.
 LINEAR_MAX_ROWS = 32
 EXPERTS_MAX_TOKENS = 4096
 # The router's float32 GEMV re-reads its (E, H) weight per token: fine for a decode step, not for a prefill chunk,

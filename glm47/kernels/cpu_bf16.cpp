@@ -1,15 +1,21 @@
-// CPU decode kernels for bf16 weights on AVX512-BF16 (Zen 4/5, Sapphire Rapids and later), float32 accumulation.
+// CPU kernels for a bf16 model on AVX512-BF16 (Zen 4/5, Sapphire Rapids and later), float32 accumulation.
 //
-// linear:          y[M, N] = x[M, K] @ W[N, K]^T (+ bias) for a few rows M. Each task streams a run of W's rows
-//                  once and reuses every 4-row block from L1 for all M rows, so a decode step reads W at memory
-//                  speed instead of torch's ~10-17 GB/s bf16 GEMV.
-// routed_experts:  the routed-expert part of a MoE layer in one call: group token copies by expert, gate/up
-//                  projection + SiLU-and-multiply, down projection, weighted sum over each token's K experts.
-// decode_attention: one query per sequence over the paged KV cache, read in place (no gather), GQA.
+// linear:            y[M, N] = x[M, K] @ W[N, K]^T (+ bias) for a few rows M. Each task streams a run of W's rows
+//                    once and reuses every 4-row block from L1 for all M rows, so a decode step reads W at memory
+//                    speed instead of torch's bf16 GEMV speed.
+// route:             a MoE layer's router: float32 logits, sigmoid, bias-corrected group-limited top-k, weights.
+// routed_experts:    the routed experts of a MoE layer (and its shared expert) in one call: token copies grouped by
+//                    expert, gate/up projection + SiLU-and-multiply, down projection, weighted sum in expert order.
+//                    A decode step reads each expert's few rows in place (dot products, as `linear`); a prefill
+//                    chunk packs the activations by 16 tokens and broadcasts weight pairs (no horizontal sums).
+// qk_norm_rope:      per-head RMSNorm of q and k, then partial rotate-half RoPE.
+// decode_attention:  one query per sequence over the paged KV cache, read in place (no gather), GQA.
+// prefill_attention: a chunk's causal attention over the paged KV cache, flash-attention style.
 //
 // Numerics follow the torch path in glm47/model (its slow twin): every projection rounds its float32 sum to bf16
 // once; silu(gate) and silu(gate) * up are each rounded to bf16; the expert outputs are weighted and summed in
-// float32 in expert order and rounded once. Built with -ffp-contract=off so that no mul + add becomes an FMA there.
+// float32 in expert order and rounded once; attention rounds the probabilities to bf16 for P.V, as SDPA's CPU
+// flash kernel does. Built with -ffp-contract=off so that no mul + add becomes an FMA where torch has none.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
