@@ -206,6 +206,17 @@ inline void silu_mul(const bf16* gate, const bf16* up, bf16* h, int64_t n) {
   }
 }
 
+// The _mm512_permutex2var_epi16 index that interleaves two vectors a, b of 32 bf16 into the pairs
+// (a[i], b[i]) for i in [first, first + 16): two keys' values side by side, as a dpbf16 operand wants them.
+inline __m512i pairs_index(int first) {
+  alignas(64) int16_t idx[32];
+  for (int i = 0; i < 16; ++i) {
+    idx[2 * i] = static_cast<int16_t>(first + i);  // a[first + i]
+    idx[2 * i + 1] = static_cast<int16_t>(32 + first + i);  // b[first + i]
+  }
+  return _mm512_load_si512(idx);
+}
+
 void check_bf16_matrix(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16, name, " must be a bf16 CPU tensor, got ",
               t.scalar_type(), " on ", t.device());
@@ -673,6 +684,19 @@ std::vector<at::Tensor> route(const at::Tensor& x, const at::Tensor& w, const at
 
 // ---- decode attention
 
+// q (rows, H, D) and the paged caches (num_blocks, block_size, Hkv, D): bf16, contiguous, D a multiple of 32, and
+// H a multiple of Hkv.
+void check_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  check_bf16_matrix(q, "q", 3);
+  check_bf16_matrix(k_cache, "k_cache", 4);
+  check_bf16_matrix(v_cache, "v_cache", 4);
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "q and the caches must be contiguous");
+  const int64_t H = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == D && D % 32 == 0 && H % Hkv == 0,
+              "q ", q.sizes(), " and caches ", k_cache.sizes(), " do not fit (head_dim must be a multiple of 32)");
+}
+
 // scores[h][s] = scale * dot(q[h], k[s]) for G query heads and the keys [0, len) of one KV head, 16 / G keys at a
 // time so that one reduce16 yields them all. k_at(s) is the key's row in the cache.
 template <int G, typename KeyAt>
@@ -702,14 +726,8 @@ inline void attention_scores(const bf16* q, int64_t D, int64_t len, const KeyAt&
 // and the reciprocal of the unrounded ones' sum scaling the result.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& lens, double scale) {
-  check_bf16_matrix(q, "q", 3);
-  check_bf16_matrix(k_cache, "k_cache", 4);
-  check_bf16_matrix(v_cache, "v_cache", 4);
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "q and the caches must be contiguous");
+  check_attention(q, k_cache, v_cache);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == D && D % 32 == 0 && H % Hkv == 0,
-              "q ", q.sizes(), " and caches ", k_cache.sizes(), " do not fit (head_dim must be a multiple of 32)");
   const at::Tensor tables = block_tables.to(at::kLong).contiguous(), ln = lens.to(at::kLong).contiguous();
   TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && ln.numel() == B, "block_tables ", tables.sizes(),
               " and lens ", ln.sizes(), " must be (B, W) and (B,) with B=", B);
@@ -760,10 +778,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       sums[h] = _mm512_reduce_add_ps(total);
     }
     // 3. out[h] = sum_s p[h][s] v[s] / sum[h]: two keys per dpbf16, their values interleaved along D
-    const __m512i lo = _mm512_setr_epi32(0x200000, 0x210001, 0x220002, 0x230003, 0x240004, 0x250005, 0x260006,
-                                         0x270007, 0x280008, 0x290009, 0x2A000A, 0x2B000B, 0x2C000C, 0x2D000D,
-                                         0x2E000E, 0x2F000F);  // v0[i], v1[i] for i < 16
-    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));  // i in [16, 32)
+    const __m512i lo = pairs_index(0), hi = pairs_index(16);
     for (int64_t h = 0; h < G; ++h) {
       const bf16* ph = probs.data() + h * (len + 1);
       for (int64_t d0 = 0; d0 < D; d0 += 128) {  // 128 dims = 8 accumulators
@@ -890,10 +905,7 @@ void pack_keys(const RowAt& row_at, int64_t s0, int64_t len, int64_t D, uint32_t
 // zeros past len: one dpbf16 multiplies a row's broadcast pair of probabilities with 16 dims of two values.
 template <typename RowAt>
 void pack_values(const RowAt& row_at, int64_t s0, int64_t len, int64_t D, uint32_t* out) {
-  const __m512i lo = _mm512_setr_epi32(0x200000, 0x210001, 0x220002, 0x230003, 0x240004, 0x250005, 0x260006,
-                                       0x270007, 0x280008, 0x290009, 0x2A000A, 0x2B000B, 0x2C000C, 0x2D000D,
-                                       0x2E000E, 0x2F000F);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const __m512i lo = pairs_index(0), hi = pairs_index(16);
   for (int64_t jp = 0; jp < KB / 2; ++jp) {
     const int64_t s = s0 + 2 * jp;
     uint32_t* o = out + jp * D;
@@ -962,14 +974,8 @@ inline void pv_tile(const bf16* p, const uint32_t* vp, int64_t D, int64_t d0, in
 // weighted sum of V and the sum that divides the result is of the unrounded ones. q (n, H, D) bf16.
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& block_table, int64_t ctx, double scale) {
-  check_bf16_matrix(q, "q", 3);
-  check_bf16_matrix(k_cache, "k_cache", 4);
-  check_bf16_matrix(v_cache, "v_cache", 4);
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "q and the caches must be contiguous");
+  check_attention(q, k_cache, v_cache);
   const int64_t n = q.size(0), H = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == D && D % 32 == 0 && H % Hkv == 0,
-              "q ", q.sizes(), " and caches ", k_cache.sizes(), " do not fit (head_dim must be a multiple of 32)");
   const at::Tensor table = block_table.to(at::kLong).contiguous();
   const int64_t len = ctx + n, nblocks = (len + KB - 1) / KB;
   TORCH_CHECK(ctx >= 0 && table.dim() == 1 && table.size(0) * bs >= len, "block_table ", table.sizes(),
