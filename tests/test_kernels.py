@@ -248,6 +248,24 @@ def test_qk_norm_rope_equals_rmsnorm_then_apply_rope(T, H, Hkv, D, rot, norm):
     bf16_close(got_k, want_k, min_equal=0.999)
 
 
+@pytest.mark.parametrize("T, D", [(1, 1024), (16, 1024), (300, 96), (5, 40)])
+def test_rms_norm_and_add_and_norm_equal_the_torch_rmsnorm(monkeypatch, T, D):
+    g = torch.Generator().manual_seed(T + D)
+    norm = layers.RMSNorm(D, 1e-5).bfloat16()
+    norm.weight.data = (torch.rand(D, generator=g) + 0.5).bfloat16()
+    x = (4 * torch.randn(2, T, D, generator=g)).bfloat16()
+    h = torch.randn(2, T, D, generator=g).bfloat16()
+    with torch.inference_mode():
+        got = kernels.rms_norm(x, norm.weight, 1e-5)
+        got_sum, got_norm = norm.add_and_norm(x, h)
+        monkeypatch.setenv("GLM47_KERNELS", "0")
+        want = norm(x)
+        want_sum, want_norm = norm.add_and_norm(x, h)
+    bf16_close(got, want, min_equal=0.999)
+    assert torch.equal(got_sum, want_sum)  # one bf16 add: exact
+    bf16_close(got_norm, want_norm, min_equal=0.999)
+
+
 # ---- dispatch
 
 
@@ -318,7 +336,7 @@ def test_bf16_engine_gives_the_same_greedy_tokens_with_kernels_on_and_off(bf16_m
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (1, 5, 12, 30, 3, 9)]
     counts = {"linear": 0, "routed_experts": 0, "decode_attention": 0, "prefill_attention": 0,
-              "qk_norm_rope": 0, "route": 0}
+              "qk_norm_rope": 0, "route": 0, "rms_norm": 0}
     for name in counts:
         real = getattr(kernels, name)
 

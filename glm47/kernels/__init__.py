@@ -124,3 +124,12 @@ def qk_norm_rope(qkv: Tensor, num_heads: int, num_kv_heads: int, head_dim: int, 
                                     k_norm, eps, cos.reshape(-1, cos.shape[-1]).contiguous(),
                                     sin.reshape(-1, sin.shape[-1]).contiguous())
     return q.view(*lead, num_heads, head_dim), k.view(*lead, num_kv_heads, head_dim)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, add: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """RMSNorm of x (..., D) bf16 with the bf16 weight, rounded as glm47.model.layers.RMSNorm rounds it. With `add`
+    (x's shape), returns (x + add, RMSNorm(x + add)): the residual stream and its norm in one pass."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    total, out = extension().rms_norm(flat, None if add is None else add.reshape(flat.shape).contiguous(), weight,
+                                      eps)
+    return out.view(x.shape) if add is None else (total.view(x.shape), out.view(x.shape))

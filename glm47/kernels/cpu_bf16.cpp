@@ -807,6 +807,57 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return out;
 }
 
+// ---- RMSNorm, alone or after the residual add
+
+// out = bf16(w * bf16(x * r)), r = 1 / sqrt(mean(x^2) + eps), for one row of D bf16 values: RMSNorm.forward's
+// rounding (normalised in float32, rounded, times the bf16 weight, rounded).
+inline void rms_norm_row(const bf16* x, const bf16* w, float eps, int64_t D, bf16* out) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 k = D - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1);
+    const __m512 v = bf16x16_to_float(_mm256_maskz_loadu_epi16(k, x + d));
+    ss = _mm512_add_ps(ss, _mm512_mul_ps(v, v));
+  }
+  const __m512 r = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(D) + eps));
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 k = D - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1);
+    const __m512 v = bf16x16_to_float(_mm256_maskz_loadu_epi16(k, x + d));
+    const __m512 n = bf16x16_to_float(round_bf16x16(_mm512_mul_ps(v, r)));
+    const __m512 wv = bf16x16_to_float(_mm256_maskz_loadu_epi16(k, w + d));
+    _mm256_mask_storeu_epi16(out + d, k, round_bf16x16(_mm512_mul_ps(wv, n)));
+  }
+}
+
+// RMSNorm of each row of x (rows, D) bf16 with the bf16 weight w. With `add` given (the same shape), the rows
+// are x + add first (rounded to bf16, as a bf16 tensor add), and that sum is returned too: (sum, norm(sum)).
+std::vector<at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& add, const at::Tensor& w,
+                                 double eps) {
+  check_bf16_matrix(x, "x", 2);
+  const int64_t T = x.size(0), D = x.size(1);
+  TORCH_CHECK(x.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.numel() == D && w.is_contiguous(),
+              "x ", x.sizes(), " must be contiguous and the weight ", w.sizes(), " bf16 of ", D, " values");
+  const bool adding = add.has_value() && add->defined();
+  TORCH_CHECK(!adding || (add->sizes() == x.sizes() && add->scalar_type() == at::kBFloat16 && add->is_contiguous()),
+              "the residual ", adding ? add->sizes() : x.sizes(), " must be a contiguous bf16 tensor like x ", x.sizes());
+  at::Tensor sum = adding ? at::empty_like(x) : x, out = at::empty_like(x);
+  const bf16 *xp = x.data_ptr<bf16>(), *ap = adding ? add->data_ptr<bf16>() : nullptr, *wp = w.data_ptr<bf16>();
+  bf16 *sp = sum.data_ptr<bf16>(), *op = out.data_ptr<bf16>();
+  const int64_t chunk = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));  // rows per task
+  run_tasks((T + chunk - 1) / chunk, [&](int64_t task) {
+    for (int64_t t = task * chunk; t < std::min(T, (task + 1) * chunk); ++t) {
+      if (adding)
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 k = D - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1);
+          const __m512 a = bf16x16_to_float(_mm256_maskz_loadu_epi16(k, xp + t * D + d));
+          const __m512 b = bf16x16_to_float(_mm256_maskz_loadu_epi16(k, ap + t * D + d));
+          _mm256_mask_storeu_epi16(sp + t * D + d, k, round_bf16x16(_mm512_add_ps(a, b)));
+        }
+      rms_norm_row(sp + t * D, wp, static_cast<float>(eps), D, op + t * D);
+    }
+  });
+  return {sum, out};
+}
+
 // ---- attention prologue: per-head RMSNorm of q and k, then partial NeoX RoPE
 
 inline float bf16_round_float(float v) {  // float -> nearest-even bf16 -> float, NaN kept (bit ops: vectorisable)
@@ -1083,6 +1134,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention, "causal attention of a chunk of queries over paged bf16 K/V",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("ctx"),
         py::arg("scale"));
+  m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows, optionally after adding a residual", py::arg("x"),
+        py::arg("add"), py::arg("weight"), py::arg("eps"));
   m.def("qk_norm_rope", &qk_norm_rope, "per-head RMSNorm of q and k, then partial NeoX RoPE (bf16)");
   m.def("cpu_supported", &cpu_supported, "whether this CPU runs AVX512-BF16");
 }
