@@ -49,12 +49,16 @@ def run_bench(args: argparse.Namespace) -> int:
 
     with torch.inference_mode():
         t = run(engine(), [random_prompt(64, V, 1)], greedy(args.decode_tokens))
-        roof = measure_bandwidth() / active_weight_bytes(model)
+        bw = measure_bandwidth()
+        roof = bw / active_weight_bytes(model)
         print(f"batch-1 decode      {t.decode_tokens_per_s:8.1f} tok/s  ({100 * t.decode_tokens_per_s / roof:.0f} % "
               f"of the {roof:.1f} tok/s memory-bandwidth roofline)")
-        prompts = [random_prompt(32 + 8 * i, V, 100 + i) for i in range(args.concurrent)]
+        B = args.concurrent
+        prompts = [random_prompt(32 + 8 * i, V, 100 + i) for i in range(B)]
         t = run(engine(), prompts, greedy(64))
-        print(f"{args.concurrent:2d} concurrent       {t.tokens_per_s:8.1f} tok/s total")
+        roof = B * bw / active_weight_bytes(model, B)  # a step reads the experts any of the B tokens uses
+        print(f"{B:2d} concurrent       {t.tokens_per_s:8.1f} tok/s total  ({100 * t.tokens_per_s / roof:.0f} % of the "
+              f"{roof:.0f} tok/s roofline of {B}-token decode steps, prefill included in the time)")
         t = run(engine(), [random_prompt(args.prefill, V, 2)], greedy(1))
         print(f"prefill {args.prefill:5d}       {args.prefill / t.ttft:8.1f} tok/s  (TTFT {t.ttft * 1e3:.0f} ms)")
         on, _ = prefix_cache_ttft(engine(), args.history, 50)
