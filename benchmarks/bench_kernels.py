@@ -1,8 +1,9 @@
 """glm47.kernels against the torch code they replace, in one process: GB/s of weights read per second for the
 `bench` model's linear shapes and for its routed experts, at several token counts, next to torch.sum's read
-bandwidth. Weights are cycled through enough copies (>= 256 MB) that they come from memory, not the caches.
+bandwidth; decode attention (GB/s of K/V) and prefill attention (GFLOPS). Weights are cycled through enough
+copies (>= 256 MB) that they come from memory, not the caches.
 
-    python benchmarks/bench_kernels.py [--rows 1,2,4,8,16,32,64] [--repeat 5]
+    python benchmarks/bench_kernels.py [--rows 1,2,4,8,16,32,64] [--repeat 5] [--only linear|experts|attention]
 """
 
 from __future__ import annotations
@@ -88,21 +89,57 @@ def bench_experts(tokens: list[int], repeat: int) -> None:
         print(f"{(E, H, I, K)!s:28s}{T:6d}{active:8d}{gb / k:9.1f}{gb / t:9.1f}  ({k * 1e3:.2f} vs {t * 1e3:.2f})")
 
 
+def bench_attention(repeat: int) -> None:
+    """The `bench` model's attention (16 heads, 2 KV heads of 128, blocks of 16): decode over the paged cache
+    (GB/s of K and V read) and a prefill chunk with no context (GFLOPS), kernel against the torch twin."""
+    from glm47.engine.paged_attention import PrefillChunk, decode_attention, prefill_attention
+
+    H, Hkv, D, bs = 16, 2, 128, 16
+    print(f"\n{'decode attention (B, keys)':28s}{'kernel':>9s}{'torch':>9s}  GB/s of K and V (ms)")
+    for B, S in [(1, 2048), (16, 2048), (1, 32768)]:
+        nb = B * S // bs
+        k_cache, v_cache = torch.randn(nb, bs, Hkv, D).bfloat16(), torch.randn(nb, bs, Hkv, D).bfloat16()
+        tables = torch.arange(nb).view(B, S // bs)
+        lens = torch.full((B,), S)
+        q = torch.randn(B, H, D).bfloat16()
+        mask = None if B == 1 else torch.ones(B, 1, 1, S, dtype=torch.bool)
+        k = best_time(kernels.decode_attention, [(q, k_cache, v_cache, tables, lens)], repeat)
+        os.environ["GLM47_KERNELS"] = "0"
+        t = best_time(decode_attention, [(q, k_cache, v_cache, tables, mask, S, lens)], repeat)
+        os.environ.pop("GLM47_KERNELS")
+        gb = B * S * Hkv * D * 2 * 2 / 1e9
+        print(f"{(B, S)!s:28s}{gb / k:9.1f}{gb / t:9.1f}  ({k * 1e3:.2f} vs {t * 1e3:.2f})")
+    print(f"\n{'prefill attention (tokens)':28s}{'kernel':>9s}{'torch':>9s}  GFLOPS, causal (ms)")
+    for n in (512, 2048):
+        k_cache, v_cache = torch.randn(n // bs, bs, Hkv, D).bfloat16(), torch.randn(n // bs, bs, Hkv, D).bfloat16()
+        chunk = PrefillChunk(0, n, 0, torch.arange(n // bs))
+        q = torch.randn(n, H, D).bfloat16()
+        args = (q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), k_cache, v_cache, chunk)
+        k = best_time(prefill_attention, [args], repeat)
+        os.environ["GLM47_KERNELS"] = "0"
+        t = best_time(prefill_attention, [args], repeat)
+        os.environ.pop("GLM47_KERNELS")
+        flops = 4 * n * n / 2 * D * H / 1e9
+        print(f"{n:<28d}{flops / k:9.0f}{flops / t:9.0f}  ({k * 1e3:.1f} vs {t * 1e3:.1f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,2,4,8,16,32,64")
     ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--only", choices=["linear", "experts"])
+    ap.add_argument("--only", choices=["linear", "experts", "attention"])
     args = ap.parse_args()
     if kernels.extension() is None:
         raise SystemExit("glm47.kernels are not available on this machine (see the warning above)")
     print(f"{torch.get_num_threads()} threads; torch.sum reads {measure_bandwidth() / 1e9:.1f} GB/s")
     with torch.inference_mode():
-        if args.only != "experts":
+        if args.only in (None, "linear"):
             bench_linear([int(r) for r in args.rows.split(",")], args.repeat)
-        if args.only != "linear":
+        if args.only in (None, "experts"):
             bench_experts([int(t) for t in args.tokens.split(",")], args.repeat)
+        if args.only in (None, "attention"):
+            bench_attention(args.repeat)
     print(f"torch.sum reads {measure_bandwidth() / 1e9:.1f} GB/s (again, after)")
 
 
