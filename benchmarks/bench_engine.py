@@ -22,7 +22,8 @@ import time
 import psutil
 import torch
 
-from glm47.bench import active_weight_bytes, greedy, measure_bandwidth, prefix_cache_ttft, random_prompt, run
+from glm47.bench import (active_weight_bytes, greedy, measure_bandwidth, measure_bf16_flops, prefill_flops,
+                         prefix_cache_ttft, random_prompt, run)
 from glm47.checkpoint.loader import load_model
 from glm47.checkpoint.writer import init_checkpoint
 from glm47.config import preset
@@ -141,10 +142,13 @@ def main() -> None:
                         lambda: hf_generate_time(ref, prompts, n))
             rows.append((f"{B} concurrent tok/s", B * n / a, B * n / b))
             active = active_weight_bytes(model, B)
-            roof = B * bw / active
-            print(f"{B} concurrent: a decode step reads ~{active / 1e6:.0f} MB (the experts {B} tokens touch) "
-                  f"-> roofline {roof:.0f} tok/s before any prefill; 5x transformers would be {5 * B * n / b:.0f} "
-                  f"tok/s = {100 * 5 * B * n / b / roof:.0f} % of it; glm47 reaches {100 * B * n / a / roof:.0f} %")
+            flops, peak = prefill_flops(model, [len(p) for p in prompts]), measure_bf16_flops()
+            bound = B * n / (flops / peak + (n - 1) * active / bw)  # tok/s at the compute and bandwidth peaks
+            print(f"{B} concurrent: the prefill is {flops / 1e9:.0f} GFLOP ({flops / peak:.2f} s at the {peak / 1e9:.0f} "
+                  f"GFLOPS a bf16 GEMM reaches here), each of the {n - 1} decode steps reads ~{active / 1e6:.0f} MB "
+                  f"(the experts {B} tokens touch; {active / bw * 1e3:.1f} ms at {bw / 1e9:.1f} GB/s) -> at most "
+                  f"{bound:.0f} tok/s; 5x transformers would be {5 * B * n / b:.0f} tok/s = "
+                  f"{100 * 5 * B * n / b / bound:.0f} % of that bound; glm47 reaches {100 * B * n / a / bound:.0f} %")
 
         # --- 3. long-prompt prefill (time to first token)
         if "prefill" in parts:

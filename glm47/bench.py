@@ -56,6 +56,35 @@ def active_weight_bytes(model, tokens: int = 1) -> int:
     return total
 
 
+def measure_bf16_flops(n: int = 2048, repeat: int = 5) -> float:
+    """bf16 matmul throughput in FLOP/s: the best of `repeat` n x n x n products (torch's GEMM, oneDNN on CPU),
+    a practical compute peak for the prefill bound."""
+    a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
+    a @ b
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def prefill_flops(model, prompt_lens: list[int]) -> float:
+    """FLOPs to prefill these prompts (each its own sequence): per token twice the parameters it uses (attention,
+    dense or shared MLP, top_k routed experts; not the embedding), causal attention scores and values per layer,
+    and the LM head for each prompt's last token only."""
+    cfg = model.config
+    per_token = 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp.") or name in ("model.embed_tokens.weight", "lm_head.weight"):
+            continue
+        share = cfg.num_experts_per_tok / cfg.n_routed_experts if name.endswith(("experts.w13", "experts.w2")) else 1
+        per_token += 2 * p.numel() * share
+    attention = sum(4 * n * (n + 1) / 2 * cfg.head_dim * cfg.num_attention_heads for n in prompt_lens)
+    head = 2 * cfg.vocab_size * cfg.hidden_size * len(prompt_lens)
+    return per_token * sum(prompt_lens) + attention * cfg.num_hidden_layers + head
+
+
 @dataclass(slots=True)
 class Timing:
     ttft: float  # seconds to the first token of the first request

@@ -36,3 +36,20 @@ def test_active_weight_bytes_counts_the_experts_a_step_can_touch():
     share = 1 - (1 - 8 / 64) ** 16  # experts one of 16 uniformly routed tokens uses
     want = rest + expert_bytes * share + 16 * row
     assert abs(active_weight_bytes(model, 16) - want) <= 14  # each of the 14 expert tensors rounds down once
+
+
+def test_prefill_flops_counts_active_parameters_causal_attention_and_one_head_row_per_prompt():
+    import torch
+
+    from glm47.bench import prefill_flops
+    from glm47.model.glm4_moe import Glm4MoeForCausalLM
+
+    c = preset("bench")
+    with torch.device("meta"):
+        model = Glm4MoeForCausalLM(c, mtp=False).bfloat16()
+    H, V, D, heads, L = c.hidden_size, c.vocab_size, c.head_dim, c.num_attention_heads, c.num_hidden_layers
+    total = sum(p.numel() for p in model.parameters())
+    routed = 7 * 64 * 3 * H * c.moe_intermediate_size
+    per_token = 2 * (total - 2 * V * H - routed + routed * 8 / 64)  # no embedding, no LM head, top-8 of 64
+    want = per_token * 30 + L * 4 * (10 * 11 / 2 + 20 * 21 / 2) * D * heads + 2 * 2 * V * H
+    assert abs(prefill_flops(model, [10, 20]) - want) <= 1e-9 * want
