@@ -811,6 +811,27 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   }
   const int64_t tasks = first[B];
   std::vector<float> part_max(tasks * H), part_sum(tasks * H), part_out(tasks * H * D);
+  const auto merge = [&](int64_t b, int64_t h) {  // out[b, h] from the chunks' partial results
+    float mx = -INFINITY;
+    for (int64_t c = first[b]; c < first[b + 1]; ++c) mx = std::max(mx, part_max[c * H + h]);
+    __m512 acc[16];  // D <= 256 here as 16 vectors; longer heads go 256 dims at a time
+    for (int64_t d0 = 0; d0 < D; d0 += 256) {
+      const int64_t nv = std::min<int64_t>(256, D - d0) / 16;
+      float total = 0.f;
+      for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t c = first[b]; c < first[b + 1]; ++c) {
+        const float w = first[b + 1] - first[b] == 1 ? 1.f : std::exp(part_max[c * H + h] - mx);
+        total += w * part_sum[c * H + h];
+        const float* oc = part_out.data() + (c * H + h) * D + d0;
+        for (int64_t i = 0; i < nv; ++i)
+          acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_loadu_ps(oc + 16 * i), _mm512_set1_ps(w)));
+      }
+      const __m512 inv = _mm512_set1_ps(1.f / total);
+      bf16* dst = op + (b * H + h) * D + d0;
+      for (int64_t i = 0; i < nv; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * i), round_bf16x16(_mm512_mul_ps(acc[i], inv)));
+    }
+  };
   run_tasks(tasks, [&](int64_t task) {
     const int64_t b = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
     const int64_t s0 = (task - first[b]) * size[b], n = std::min(size[b], lp[b] - s0);
@@ -865,30 +886,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
         h0 += hg;
       }
     }
+    if (first[b + 1] - first[b] == 1)
+      for (int64_t h = 0; h < H; ++h) merge(b, h);
   });
-  // 4. merge each sequence's chunks: weights exp(max_c - max), out = sum_c w_c out_c / sum_c w_c sum_c
-  run_tasks(B * H, [&](int64_t t) {
-    const int64_t b = t / H, h = t % H;
-    float mx = -INFINITY;
-    for (int64_t c = first[b]; c < first[b + 1]; ++c) mx = std::max(mx, part_max[c * H + h]);
-    __m512 acc[16];  // D <= 256 here as 16 vectors; longer heads go 256 dims at a time
-    for (int64_t d0 = 0; d0 < D; d0 += 256) {
-      const int64_t nv = std::min<int64_t>(256, D - d0) / 16;
-      float total = 0.f;
-      for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t c = first[b]; c < first[b + 1]; ++c) {
-        const float w = first[b + 1] - first[b] == 1 ? 1.f : std::exp(part_max[c * H + h] - mx);
-        total += w * part_sum[c * H + h];
-        const float* oc = part_out.data() + (c * H + h) * D + d0;
-        for (int64_t i = 0; i < nv; ++i)
-          acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_loadu_ps(oc + 16 * i), _mm512_set1_ps(w)));
-      }
-      const __m512 inv = _mm512_set1_ps(1.f / total);
-      bf16* dst = op + (b * H + h) * D + d0;
-      for (int64_t i = 0; i < nv; ++i)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * i), round_bf16x16(_mm512_mul_ps(acc[i], inv)));
-    }
-  });
+  // 4. merge each sequence's chunks: weights exp(max_c - max), out = sum_c w_c out_c / sum_c w_c sum_c. A task
+  //    whose sequence is one chunk has written its output itself; a parallel pass merges the others.
+  std::vector<int64_t> multi;
+  for (int64_t b = 0; b < B; ++b)
+    if (first[b + 1] - first[b] > 1) multi.push_back(b);
+  run_tasks(static_cast<int64_t>(multi.size()) * H, [&](int64_t t) { merge(multi[t / H], t % H); });
   return out;
 }
 
