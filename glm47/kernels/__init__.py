@@ -1,4 +1,4 @@
-"""Hand-written CPU kernels for a bf16 model (cpu_bf16.cpp): a skinny linear that streams the weight once for a
+"""Hand-written CPU kernels for a bf16 model (cpu/, one file per op; cpu/ops.h lists them): a skinny linear that streams the weight once for a
 few rows, the MoE router, the routed and shared experts of a MoE layer in one call (decode steps and prefill
 chunks), q/k RMSNorm + RoPE, one-query attention over the paged KV cache, and flash attention over it for
 prefill chunks. Compiled with torch.utils.cpp_extension on first use, cached in torch's extension directory.
@@ -10,6 +10,7 @@ torch path is their reference, rounding at the same points: tests/test_kernels.p
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -55,8 +56,12 @@ def extension():
 
         flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
                  "-ffp-contract=off", "-fopenmp"]  # no implicit FMA: the rounding must match the torch path
-        module = load(name="glm47_cpu_bf16", sources=[str(Path(__file__).with_name("cpu_bf16.cpp"))],
-                      extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        files = sorted((Path(__file__).parent / "cpu").glob("*.[ch]*"))
+        # torch rebuilds when a source's text or a flag changes, and does not look at headers: their hash goes
+        # into the flags, so that a changed header cannot leave a stale build in the cache.
+        digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+        module = load(name="glm47_cpu_bf16", sources=[str(f) for f in files if f.suffix == ".cpp"],
+                      extra_cflags=flags + [f"-DGLM47_SOURCES={digest}"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, a build error: the torch path still works
         log.warning("glm47.kernels: could not build the CPU kernels, using torch instead (%s: %s)",
                     type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
