@@ -166,7 +166,8 @@ def test_route_equals_select_experts(E, K, n_group, topk_group):
 # longer contexts split into chunks of keys (split-K) that the kernel merges.
 ATTENTION_CASES = [(c, B, S) for c in [(64, 16, 2, 128, 16), (40, 4, 2, 32, 4), (40, 4, 1, 64, 6)]
                    for B, S in [(1, 1), (1, 7), (1, 100), (3, 37), (16, 60)]] + [
-                  ((400, 16, 2, 128, 16), 1, 3000), ((800, 8, 1, 64, 6), 3, 1500)]
+                  ((400, 16, 2, 128, 16), 1, 3000), ((800, 8, 1, 64, 6), 3, 1500),
+                  ((60, 12, 2, 64, 8), 2, 300)]  # blocks of 12: not a power of two
 
 
 @pytest.mark.parametrize("cache, B, S", ATTENTION_CASES)
@@ -194,9 +195,10 @@ def test_decode_attention_is_as_exact_as_the_gathered_sdpa(monkeypatch, cache, B
 
 # (n queries, context_len, H, Hkv, D, block_size): a single query, a chunk shorter and longer than a key block
 # (64), contexts shorter and longer than the chunk, GQA groups of 1, 2, 4, 6 and 8 (30 rows a task: row tails),
-# head_dim 32 to 256 (96: not a multiple of 64).
+# head_dim 32 to 256 (96: not a multiple of 64), blocks of 12 (not a power of two).
 PREFILL_CASES = [(1, 0, 4, 2, 64, 16), (5, 0, 16, 2, 128, 16), (70, 0, 4, 4, 32, 16), (37, 100, 8, 2, 128, 32),
-                 (200, 3, 16, 2, 128, 16), (129, 64, 4, 1, 256, 16), (64, 64, 8, 8, 32, 4), (33, 10, 6, 1, 96, 16)]
+                 (200, 3, 16, 2, 128, 16), (129, 64, 4, 1, 256, 16), (64, 64, 8, 8, 32, 4), (33, 10, 6, 1, 96, 16),
+                 (40, 20, 4, 2, 64, 12)]
 
 
 def attention_reference(q, k_cache, v_cache, table, ctx, dtype):
