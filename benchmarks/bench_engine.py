@@ -144,8 +144,9 @@ def main() -> None:
             active = active_weight_bytes(model, B)
             flops, peak = prefill_flops(model, [len(p) for p in prompts]), measure_bf16_flops()
             bound = B * n / (flops / peak + (n - 1) * active / bw)  # tok/s at the compute and bandwidth peaks
-            print(f"{B} concurrent: the prefill is {flops / 1e9:.0f} GFLOP ({flops / peak:.2f} s at the {peak / 1e9:.0f} "
-                  f"GFLOPS a bf16 GEMM reaches here), each of the {n - 1} decode steps reads ~{active / 1e6:.0f} MB "
+            print(f"{B} concurrent: the prefill is {flops / 1e9:.0f} GFLOP ({flops / peak:.2f} s at the "
+                  f"{peak / 1e9:.0f} GFLOPS a bf16 GEMM reaches here), each of the {n - 1} decode steps reads "
+                  f"~{active / 1e6:.0f} MB "
                   f"(the experts {B} tokens touch; {active / bw * 1e3:.1f} ms at {bw / 1e9:.1f} GB/s) -> at most "
                   f"{bound:.0f} tok/s; 5x transformers would be {5 * B * n / b:.0f} tok/s = "
                   f"{100 * 5 * B * n / b / bound:.0f} % of that bound; glm47 reaches {100 * B * n / a / bound:.0f} %")

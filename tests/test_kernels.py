@@ -86,7 +86,8 @@ def routing(T, E, K, seed):
 # of the 16-wide transposes (H = 40, 96), column chunks of 8 (I = 40); an odd H cannot pack and reads in place.
 EXPERT_CASES = [(E, H, I, T, K) for E, H, I in [(8, 64, 32), (6, 40, 20), (16, 256, 96)]
                 for T, K in [(1, 1), (1, 6), (3, 2), (5, 5), (16, 6), (16, 1)]] + [(64, 128, 64, 16, 8)] + [
-                (6, 40, 20, 100, 3), (8, 64, 32, 300, 2), (4, 96, 40, 70, 4), (64, 256, 64, 600, 8), (4, 33, 16, 100, 2)]
+                (6, 40, 20, 100, 3), (8, 64, 32, 300, 2), (4, 96, 40, 70, 4), (64, 256, 64, 600, 8),
+                (4, 33, 16, 100, 2)]
 
 
 @pytest.mark.parametrize("E, H, I, T, K", EXPERT_CASES)
@@ -138,7 +139,8 @@ def test_moe_block_with_router_and_shared_expert_kernels_equals_the_torch_path(m
     x = torch.randn(1, T, 96).bfloat16()
     calls = []
     for name in ("route", "routed_experts"):
-        monkeypatch.setattr(kernels, name, lambda *a, real=getattr(kernels, name), **k: calls.append(1) or real(*a, **k))
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     with torch.inference_mode():
         got = moe(x)
         assert len(calls) == (2 if T <= kernels.ROUTE_MAX_TOKENS else 1)

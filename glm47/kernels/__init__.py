@@ -1,7 +1,8 @@
-"""Hand-written CPU kernels for a bf16 model (cpu/, one file per op; cpu/ops.h lists them): a skinny linear that streams the weight once for a
-few rows, the MoE router, the routed and shared experts of a MoE layer in one call (decode steps and prefill
-chunks), q/k RMSNorm + RoPE, one-query attention over the paged KV cache, and flash attention over it for
-prefill chunks. Compiled with torch.utils.cpp_extension on first use, cached in torch's extension directory.
+"""Hand-written CPU kernels for a bf16 model (cpu/, one C++ file per op; cpu/ops.h lists them): a skinny linear
+that streams the weight once for a few rows, the MoE router, the routed and shared experts of a MoE layer in one
+call (decode steps and prefill chunks), q/k RMSNorm + RoPE, RMSNorm, one-query attention over the paged KV cache,
+and flash attention over it for prefill chunks. Compiled with torch.utils.cpp_extension on first use, cached in
+torch's extension directory.
 
 They only replace torch code, never add behaviour: `fits` says when they apply (CPU, bf16, AVX512-BF16, few
 enough rows, no autograd, GLM47_KERNELS not 0, the build worked), and otherwise the torch path runs. That

@@ -6,7 +6,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from glm47 import kernels
-
 from glm47.config import ModelConfig
 from glm47.model.layers import Linear, RMSNorm, apply_rope
 

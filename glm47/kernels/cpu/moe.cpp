@@ -166,7 +166,8 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::
     Is = shared_w13->size(0) / 2;
     TORCH_CHECK(shared_w13->is_contiguous() && shared_w2->is_contiguous() && shared_w13->size(1) == H &&
                 shared_w2->size(0) == H && shared_w2->size(1) == Is && shared_w13->size(0) == 2 * Is,
-                "shared expert ", shared_w13->sizes(), " / ", shared_w2->sizes(), " is not (2I, H) / (H, I) with H=", H);
+                "shared expert ", shared_w13->sizes(), " / ", shared_w2->sizes(), " is not (2I, H) / (H, I) with H=",
+                H);
   }
   const at::Tensor id = ids.to(at::kLong).contiguous(), wt = weights.to(at::kFloat).contiguous();
   const int64_t K = ids.size(1), C = T * K;  // C token copies

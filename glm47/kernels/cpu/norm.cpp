@@ -36,7 +36,8 @@ std::vector<at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Te
               "x ", x.sizes(), " must be contiguous and the weight ", w.sizes(), " bf16 of ", D, " values");
   const bool adding = add.has_value() && add->defined();
   TORCH_CHECK(!adding || (add->sizes() == x.sizes() && add->scalar_type() == at::kBFloat16 && add->is_contiguous()),
-              "the residual ", adding ? add->sizes() : x.sizes(), " must be a contiguous bf16 tensor like x ", x.sizes());
+              "the residual ", adding ? add->sizes() : x.sizes(), " must be a contiguous bf16 tensor like x ",
+              x.sizes());
   at::Tensor sum = adding ? at::empty_like(x) : x, out = at::empty_like(x);
   const bf16 *xp = x.data_ptr<bf16>(), *ap = adding ? add->data_ptr<bf16>() : nullptr, *wp = w.data_ptr<bf16>();
   bf16 *sp = sum.data_ptr<bf16>(), *op = out.data_ptr<bf16>();
