@@ -36,10 +36,10 @@ inline bool packs(const std::vector<ExpertRows>& ex, int64_t H) {
 // gate/up, SiLU-and-multiply and down projection of several experts' rows, two parallel passes:
 //  1. a task is one expert's columns [j0, j1) of I, i.e. gate rows j0..j1 and up rows I + j0..I + j1 of w13; it
 //     owns h[rows of the expert, j0:j1] outright (column chunks a multiple of 32: no two tasks share a cache line);
-//  2. a task is rows [n0, n1) of H for every expert, in order, so that it owns out[:, n0:n1]; the float32 sums of
-//     expert i's down projection go to a task-local block, out[m * ld + n - n0] for its rows m, and then
-//     flush(i, out, ld, n0, n1) consumes them (vectors, not one scattered read-modify-write per value); after
-//     the last expert, done(n0, n1) is called.
+//  2. the down projection: flush(i, out, ld, n0, n1) gets expert i's float32 sums for columns [n0, n1) of H, row m
+//     at out + m * ld, and consumes them (vectors, not one scattered read-modify-write per value); for each chunk
+//     [n0, n1), the experts come in order and then done(n0, n1) is called. Unpacked (decode), tasks stream each
+//     expert's w2 in turn and a second pass flushes; packed, a task is a chunk of H across every expert.
 // gu and h are (rows, 2 * max I) and (rows, max I) scratch buffers. With many rows per expert (packed), x is first
 // packed by 16 rows, and pass 1 also writes h packed for pass 2.
 template <typename Flush, typename Done>
@@ -111,33 +111,53 @@ void run_experts(std::vector<ExpertRows>& ex, int64_t H, bf16* gu, bf16* h, int6
       silu_mul(gue + m * ldgu + j0, gue + m * ldgu + I + j0, h + (e.r0 + m) * ldh + j0, j1 - j0);
   });
   const int64_t rows = std::min<int64_t>(H, rows_per_task(2 * Imin));  // ~32 KB of each expert's w2 per task
+  const int64_t chunks = (H + rows - 1) / rows;
+  if (!packed) {
+    // Few rows per expert (a decode step): the down projection is a weight stream, so its tasks go expert by
+    // expert (each thread reads whole runs of one expert's w2) into a (row, H) block, and a second pass flushes
+    // each chunk of H, expert after expert, as the sum needs.
+    int64_t total = 0;
+    for (const auto& e : ex) total = std::max(total, e.r0 + e.M);
+    at::Tensor out_t = at::empty({total, H}, at::kFloat);
+    float* out = out_t.data_ptr<float>();
+    run_tasks(static_cast<int64_t>(ex.size()) * chunks, [&](int64_t t) {
+      const ExpertRows& e = ex[t / chunks];
+      const int64_t n0 = t % chunks * rows, n1 = std::min(H, n0 + rows);
+      const bf16* then = n1 < H ? nullptr : t / chunks + 1 < static_cast<int64_t>(ex.size()) ? ex[t / chunks + 1].w2
+                                                                                         : nullptr;
+      gemm_rows(h + e.r0 * ldh, ldh, e.M, e.w2, H, e.I, n0, n1,
+                [&](int64_t m, int64_t n, float v) { out[(e.r0 + m) * H + n] = v; }, then);
+    });
+    run_tasks(chunks, [&](int64_t t) {
+      const int64_t n0 = t * rows, n1 = std::min(H, n0 + rows);
+      for (size_t i = 0; i < ex.size(); ++i) flush(i, static_cast<const float*>(out + ex[i].r0 * H + n0), H, n0, n1);
+      done(n0, n1);
+    });
+    return;
+  }
+  // Packed: a task is a chunk of H for every expert in turn, per block of 256 tokens (column, token) products,
+  // then 16 x 16 transposes to (token, column) rows for the flush.
   int64_t Mmax = 0;
   for (const auto& e : ex) Mmax = std::max(Mmax, e.M);
-  run_tasks((H + rows - 1) / rows, [&](int64_t t) {
+  run_tasks(chunks, [&](int64_t t) {
     const int64_t n0 = t * rows, n1 = std::min(H, n0 + rows), ld = (n1 - n0 + 15) / 16 * 16;
     float* op = scratch<float>(1, (Mmax + 15) / 16 * 16 * ld);
-    const auto st = [&](int64_t m, int64_t n, float v) { op[m * ld + n - n0] = v; };
     for (size_t i = 0; i < ex.size(); ++i) {
       const ExpertRows& e = ex[i];
-      if (packed) {  // per block of 256 tokens: (column, token), then 16 x 16 transposes to (token, column)
-        const int64_t ng = (e.M + 15) / 16, ldt = BLOCK_GROUPS * 16 + 16;  // + 16: rows not 4 KB apart (L1 sets)
-        float* cols = scratch<float>(2, ld * ldt);
-        for (int64_t b = 0; b < ng; b += BLOCK_GROUPS) {
-          const int64_t bg = std::min(BLOCK_GROUPS, ng - b);
-          const bf16* then = b + bg < ng ? e.w2 + n0 * e.I : i + 1 < ex.size() ? ex[i + 1].w2 + n0 * ex[i + 1].I
-                                                                                : nullptr;
-          vnni_rows(hpk + (e.g0 + b) * hstride, hstride, bg, e.w2, e.I, n0, n1, cols, ldt, then);
-          for (int64_t c = 0; c < n1 - n0; c += 16)
-            for (int64_t g = 0; g < bg; ++g) {
-              const uint32_t* src[16];
-              for (int r = 0; r < 16; ++r)  // rows past n1 - n0 repeat a real one; their results are not read
-                src[r] = reinterpret_cast<const uint32_t*>(cols + std::min<int64_t>(c + r, n1 - n0 - 1) * ldt + 16 * g);
-              transpose16(src, reinterpret_cast<uint32_t*>(op + 16 * (b + g) * ld + c), ld);
-            }
-        }
-      } else {
-        const bf16* then = i + 1 < ex.size() ? ex[i + 1].w2 + n0 * ex[i + 1].I : nullptr;  // the next expert's rows
-        gemm_rows(h + e.r0 * ldh, ldh, e.M, e.w2, H, e.I, n0, n1, st, then);
+      const int64_t ng = (e.M + 15) / 16, ldt = BLOCK_GROUPS * 16 + 16;  // + 16: rows not 4 KB apart (L1 sets)
+      float* cols = scratch<float>(2, ld * ldt);
+      for (int64_t b = 0; b < ng; b += BLOCK_GROUPS) {
+        const int64_t bg = std::min(BLOCK_GROUPS, ng - b);
+        const bf16* then = b + bg < ng ? e.w2 + n0 * e.I : i + 1 < ex.size() ? ex[i + 1].w2 + n0 * ex[i + 1].I
+                                                                              : nullptr;
+        vnni_rows(hpk + (e.g0 + b) * hstride, hstride, bg, e.w2, e.I, n0, n1, cols, ldt, then);
+        for (int64_t c = 0; c < n1 - n0; c += 16)
+          for (int64_t g = 0; g < bg; ++g) {
+            const uint32_t* src[16];
+            for (int r = 0; r < 16; ++r)  // rows past n1 - n0 repeat a real one; their results are not read
+              src[r] = reinterpret_cast<const uint32_t*>(cols + std::min<int64_t>(c + r, n1 - n0 - 1) * ldt + 16 * g);
+            transpose16(src, reinterpret_cast<uint32_t*>(op + 16 * (b + g) * ld + c), ld);
+          }
       }
       flush(i, static_cast<const float*>(op), ld, n0, n1);
     }
