@@ -33,9 +33,9 @@ inline bool packs(const std::vector<ExpertRows>& ex, int64_t H) {
   return even && !ex.empty() && rows >= PACKED_MIN_ROWS * static_cast<int64_t>(ex.size());
 }
 
-// gate/up, SiLU-and-multiply and down projection of several experts' rows, two parallel passes:
-//  1. a task is one expert's columns [j0, j1) of I, i.e. gate rows j0..j1 and up rows I + j0..I + j1 of w13; it
-//     owns h[rows of the expert, j0:j1] outright (column chunks a multiple of 32: no two tasks share a cache line);
+// gate/up, SiLU-and-multiply and down projection of several experts' rows, in two parallel passes:
+//  1. gate/up and SiLU-and-multiply into h (unpacked: tasks stream each expert's w13 in turn; packed: a task owns
+//     one expert's column chunk of h);
 //  2. the down projection: flush(i, out, ld, n0, n1) gets expert i's float32 sums for columns [n0, n1) of H, row m
 //     at out + m * ld, and consumes them (vectors, not one scattered read-modify-write per value); for each chunk
 //     [n0, n1), the experts come in order and then done(n0, n1) is called. Unpacked (decode), tasks stream each
@@ -71,14 +71,34 @@ void run_experts(std::vector<ExpertRows>& ex, int64_t H, bf16* gu, bf16* h, int6
     });
   }
 
-  const int64_t cols = std::max<int64_t>(32, rows_per_task(H) / 2 & ~31);  // of I per task
-  std::vector<std::pair<int64_t, int64_t>> tasks;  // (expert, j0)
-  for (size_t i = 0; i < ex.size(); ++i)
-    for (int64_t j0 = 0; j0 < ex[i].I; j0 += cols) tasks.emplace_back(static_cast<int64_t>(i), j0);
-  run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
-    const ExpertRows& e = ex[tasks[t].first];
-    const int64_t I = e.I, j0 = tasks[t].second, j1 = std::min(I, j0 + cols);
-    if (packed) {  // per block of 256 tokens: gate and up as (column, token), then h straight into its pairs
+  if (!packed) {
+    // Few rows per expert (a decode step): the gate/up projection is a weight stream, so a task is a run of rows of
+    // one expert's w13, gate and up alike, expert after expert; SiLU-and-multiply follows on this thread.
+    const int64_t wrows = rows_per_task(H);  // ~64 KB of w13; a multiple of 4 rows
+    std::vector<int64_t> first(ex.size() + 1, 0);  // first task of each expert
+    for (size_t i = 0; i < ex.size(); ++i) first[i + 1] = first[i] + (2 * ex[i].I + wrows - 1) / wrows;
+    run_tasks(first.back(), [&](int64_t t) {
+      const size_t i = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+      const ExpertRows& e = ex[i];
+      const int64_t r0 = (t - first[i]) * wrows, r1 = std::min(2 * e.I, r0 + wrows);
+      const bf16* then = r1 < 2 * e.I || i + 1 == ex.size() ? nullptr : ex[i + 1].w13;
+      bf16* gue = gu + e.r0 * ldgu;
+      gemm_rows(e.x, H, e.M, e.w13, 2 * e.I, H, r0, r1,
+                [&](int64_t m, int64_t n, float v) { gue[m * ldgu + n] = round_bf16(v); }, then);
+    });
+    for (const auto& e : ex)
+      for (int64_t m = 0; m < e.M; ++m)
+        silu_mul(gu + (e.r0 + m) * ldgu, gu + (e.r0 + m) * ldgu + e.I, h + (e.r0 + m) * ldh, e.I);
+  } else {
+    // Packed (a prefill chunk): a task is one expert's columns [j0, j1) of I, i.e. gate rows j0..j1 and up rows
+    // I + j0..I + j1 of w13, per block of 256 tokens as (column, token) products, then h straight into its pairs.
+    const int64_t cols = std::max<int64_t>(32, rows_per_task(H) / 2 & ~31);  // of I per task
+    std::vector<std::pair<int64_t, int64_t>> tasks;  // (expert, j0)
+    for (size_t i = 0; i < ex.size(); ++i)
+      for (int64_t j0 = 0; j0 < ex[i].I; j0 += cols) tasks.emplace_back(static_cast<int64_t>(i), j0);
+    run_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+      const ExpertRows& e = ex[tasks[t].first];
+      const int64_t I = e.I, j0 = tasks[t].second, j1 = std::min(I, j0 + cols);
       const int64_t ng = (e.M + 15) / 16, ldo = BLOCK_GROUPS * 16 + 16, nc = j1 - j0;  // + 16: no 4 KB stride
       float* gate = scratch<float>(0, 2 * nc * ldo);
       float* up = gate + nc * ldo;
@@ -101,15 +121,8 @@ void run_experts(std::vector<ExpertRows>& ex, int64_t H, bf16* gu, bf16* h, int6
             _mm512_storeu_si512(hpk + (e.g0 + b + g) * hstride + (j0 + j) / 2 * 16, _mm512_permutexvar_epi16(lo, both));
           }
       }
-      return;
-    }
-    bf16* gue = gu + e.r0 * ldgu;
-    const auto st = [&](int64_t m, int64_t n, float v) { gue[m * ldgu + n] = round_bf16(v); };
-    gemm_rows(e.x, H, e.M, e.w13, 2 * I, H, j0, j1, st, e.w13 + (I + j0) * H);
-    gemm_rows(e.x, H, e.M, e.w13, 2 * I, H, I + j0, I + j1, st);
-    for (int64_t m = 0; m < e.M; ++m)
-      silu_mul(gue + m * ldgu + j0, gue + m * ldgu + I + j0, h + (e.r0 + m) * ldh + j0, j1 - j0);
-  });
+    });
+  }
   const int64_t rows = std::min<int64_t>(H, rows_per_task(2 * Imin));  // ~32 KB of each expert's w2 per task
   const int64_t chunks = (H + rows - 1) / rows;
   if (!packed) {
