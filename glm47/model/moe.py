@@ -88,10 +88,8 @@ class Experts(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """x: (N, H); weights, ids: (N, K) -> (N, H). Token copies are sorted by expert so each expert runs
-        one GEMM over a contiguous block; the Python loop is over experts that received tokens. bf16 on an
-        AVX512-BF16 CPU takes one kernel call instead (glm47.kernels), which rounds where this code does."""
-        if kernels.fits(x, self.w13, kernels.EXPERTS_MAX_TOKENS):
-            return kernels.routed_experts(x, self.w13, self.w2, weights, ids)
+        one GEMM over a contiguous block; the Python loop is over experts that received tokens. The twin of
+        kernels.routed_experts, which MoE.forward calls instead on an AVX512-BF16 CPU (it rounds where this does)."""
         N, K = ids.shape
         flat = ids.reshape(-1)  # (N*K,) expert of each token copy
         order = flat.argsort(stable=True)

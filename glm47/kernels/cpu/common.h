@@ -115,10 +115,15 @@ inline __m256i silu_mul16(__m512 g, __m512 u) {
   return round_bf16x16(_mm512_mul_ps(bf16x16_to_float(round_bf16x16(s)), u));
 }
 
+// The first n of 16 lanes (none for n <= 0, all for n >= 16): the mask of a vector loop's tail.
+inline __mmask16 lanes16(int64_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
 // h[j] = bf16(bf16(silu(gate[j])) * up[j]) for n values: F.silu(gate) * up on bf16 tensors, vectorised.
 inline void silu_mul(const bf16* gate, const bf16* up, bf16* h, int64_t n) {
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    const __mmask16 m = lanes16(n - j);
     _mm256_mask_storeu_epi16(h + j, m, silu_mul16(bf16x16_to_float(_mm256_maskz_loadu_epi16(m, gate + j)),
                                                   bf16x16_to_float(_mm256_maskz_loadu_epi16(m, up + j))));
   }

@@ -61,6 +61,9 @@ inline void pv_heads(const bf16* p, int64_t ldp, int64_t len, const RowAt& v_at,
   }
 }
 
+// Heads taken at once by the score and P.V loops (their templates come in 8, 4, 2 and 1): the most that fit.
+inline int64_t heads_at_once(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
+
 // One query per sequence against its paged keys and values, as SDPA (flash, CPU) computes it for bf16 in a single
 // KV block: float32 scores, softmax in float32 with the probabilities rounded to bf16 for the weighted sum of V
 // and the reciprocal of the unrounded ones' sum scaling the result.
@@ -104,7 +107,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       float total = 0.f;
       for (int64_t i = 0; i < nv; ++i) acc[i] = _mm512_setzero_ps();
       for (int64_t c = first[b]; c < first[b + 1]; ++c) {
-        const float w = first[b + 1] - first[b] == 1 ? 1.f : std::exp(part_max[c * H + h] - mx);
+        const float w = std::exp(part_max[c * H + h] - mx);  // exactly 1 for a sequence in one chunk
         total += w * part_sum[c * H + h];
         const float* oc = part_out.data() + (c * H + h) * D + d0;
         for (int64_t i = 0; i < nv; ++i)
@@ -119,21 +122,23 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   run_tasks(tasks, [&](int64_t task) {
     const int64_t b = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
     const int64_t s0 = (task - first[b]) * size[b], n = std::min(size[b], lp[b] - s0);
-    std::vector<float> scores(G * n), pv(8 * D);
+    std::vector<float> scores(G * n);
     std::vector<bf16> probs(G * (n + 1));
     for (int64_t g = 0; g < Hkv; ++g) {
       const PagedRows row(tp + b * W, bs, Hkv, D, g);  // key / value s of this sequence and KV head
       const auto k_at = [&](int64_t j) { return row(kp, s0 + j); };
       const auto v_at = [&](int64_t j) { return row(vp, s0 + j); };
       // 1. scores, G heads at a time in chunks of 8, 4, 2, 1
-      for (int64_t h0 = 0; h0 < G;) {
+      for (int64_t h0 = 0, hg; h0 < G; h0 += hg) {
         const bf16* qh = qp + (b * H + g * G + h0) * D;
         float* sh = scores.data() + h0 * n;
-        const int64_t left = G - h0;
-        if (left >= 8) { attention_scores<8>(qh, D, n, k_at, sc, sh, n); h0 += 8; }
-        else if (left >= 4) { attention_scores<4>(qh, D, n, k_at, sc, sh, n); h0 += 4; }
-        else if (left >= 2) { attention_scores<2>(qh, D, n, k_at, sc, sh, n); h0 += 2; }
-        else { attention_scores<1>(qh, D, n, k_at, sc, sh, n); h0 += 1; }
+        hg = heads_at_once(G - h0);
+        switch (hg) {
+          case 8: attention_scores<8>(qh, D, n, k_at, sc, sh, n); break;
+          case 4: attention_scores<4>(qh, D, n, k_at, sc, sh, n); break;
+          case 2: attention_scores<2>(qh, D, n, k_at, sc, sh, n); break;
+          default: attention_scores<1>(qh, D, n, k_at, sc, sh, n); break;
+        }
       }
       // 2. softmax within the chunk: p = exp(score - max) rounded to bf16 (padded to an even count with a zero),
       //    the sum of the unrounded ones
@@ -144,7 +149,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
         for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sh[j]);
         __m512 total = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j += 16) {
-          const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+          const __mmask16 m = lanes16(n - j);
           const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sh + j), _mm512_set1_ps(mx)));
           total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
           _mm256_mask_storeu_epi16(ph + j, m, round_bf16x16(e));
@@ -155,10 +160,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       }
       // 3. sum_j p[h][j] v[j], up to 8 heads at a time and 32 dims per pass over the values: each value is read
       //    once for all the heads of its KV head, two keys per dpbf16
-      for (int64_t h0 = 0; h0 < G;) {
+      for (int64_t h0 = 0, hg; h0 < G; h0 += hg) {
         const bf16* ph = probs.data() + h0 * (n + 1);
         float* oh = part_out.data() + (task * H + g * G + h0) * D;
-        const int64_t left = G - h0, hg = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        hg = heads_at_once(G - h0);
         for (int64_t d0 = 0; d0 < D; d0 += 32) {
           switch (hg) {
             case 8: pv_heads<8>(ph, n + 1, n, v_at, d0, oh, D); break;
@@ -167,7 +172,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
             default: pv_heads<1>(ph, n + 1, n, v_at, d0, oh, D); break;
           }
         }
-        h0 += hg;
       }
     }
     if (first[b + 1] - first[b] == 1)

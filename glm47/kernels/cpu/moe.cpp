@@ -40,10 +40,10 @@ inline bool packs(const std::vector<ExpertRows>& ex, int64_t H) {
 //     at out + m * ld, and consumes them (vectors, not one scattered read-modify-write per value); for each chunk
 //     [n0, n1), the experts come in order and then done(n0, n1) is called. Unpacked (decode), tasks stream each
 //     expert's w2 in turn and a second pass flushes; packed, a task is a chunk of H across every expert.
-// gu and h are (rows, 2 * max I) and (rows, max I) scratch buffers. With many rows per expert (packed), x is first
-// packed by 16 rows, and pass 1 also writes h packed for pass 2.
+// gu and h are (rows, 2 * max I) and (rows, max I) scratch buffers (unused when packed). With many rows per expert
+// (packed = packs(ex, H)), x is first packed by 16 rows, and pass 1 writes h packed for pass 2.
 template <typename Flush, typename Done>
-void run_experts(std::vector<ExpertRows>& ex, int64_t H, bf16* gu, bf16* h, int64_t ldgu, int64_t ldh,
+void run_experts(std::vector<ExpertRows>& ex, bool packed, int64_t H, bf16* gu, bf16* h, int64_t ldgu, int64_t ldh,
                  const Flush& flush, const Done& done) {
   int64_t Imin = ex.empty() ? 1 : ex[0].I, Imax = 0, groups = 0;
   for (auto& e : ex) {
@@ -52,14 +52,13 @@ void run_experts(std::vector<ExpertRows>& ex, int64_t H, bf16* gu, bf16* h, int6
     e.g0 = groups;
     groups += (e.M + 15) / 16;
   }
-  const bool packed = packs(ex, H);
   const int64_t xstride = H / 2 * 16, hstride = Imax / 2 * 16;  // words per packed group
   uint32_t *xpk = nullptr, *hpk = nullptr;
   if (packed) {
     xpk = scratch<uint32_t>(0, groups * xstride);
     hpk = scratch<uint32_t>(1, groups * hstride);
-    const uint32_t* zero = scratch<uint32_t>(2, H / 2);
-    std::fill_n(scratch<uint32_t>(2, H / 2), H / 2, 0u);
+    uint32_t* zero = scratch<uint32_t>(2, H / 2);
+    std::fill_n(zero, H / 2, 0u);
     std::vector<std::pair<int64_t, int64_t>> work;  // (expert, group)
     for (size_t i = 0; i < ex.size(); ++i)
       for (int64_t g = 0; g * 16 < ex[i].M; ++g) work.emplace_back(static_cast<int64_t>(i), g);
@@ -102,9 +101,7 @@ void run_experts(std::vector<ExpertRows>& ex, int64_t H, bf16* gu, bf16* h, int6
       const int64_t ng = (e.M + 15) / 16, ldo = BLOCK_GROUPS * 16 + 16, nc = j1 - j0;  // + 16: no 4 KB stride
       float* gate = scratch<float>(0, 2 * nc * ldo);
       float* up = gate + nc * ldo;
-      const __m512i lo = _mm512_setr_epi32(0x100000, 0x110001, 0x120002, 0x130003, 0x140004, 0x150005, 0x160006,
-                                           0x170007, 0x180008, 0x190009, 0x1A000A, 0x1B000B, 0x1C000C, 0x1D000D,
-                                           0x1E000E, 0x1F000F);  // (a[i], b[i]) of two 16-value halves
+      const __m512i pairs = pairs_index(0);
       for (int64_t b = 0; b < ng; b += BLOCK_GROUPS) {
         const int64_t bg = std::min(BLOCK_GROUPS, ng - b);
         const uint32_t* xb = xpk + (e.g0 + b) * xstride;
@@ -116,9 +113,10 @@ void run_experts(std::vector<ExpertRows>& ex, int64_t H, bf16* gu, bf16* h, int6
             for (int c = 0; c < 2; ++c)
               hv[c] = silu_mul16(bf16x16_to_float(round_bf16x16(_mm512_loadu_ps(gate + (j + c) * ldo + 16 * g))),
                                  bf16x16_to_float(round_bf16x16(_mm512_loadu_ps(up + (j + c) * ldo + 16 * g))));
-            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(hv[0]), hv[1], 1);
             // pairs (h_j, h_j+1) of the group's 16 tokens; tokens past M multiply zeros: h = 0 there
-            _mm512_storeu_si512(hpk + (e.g0 + b + g) * hstride + (j0 + j) / 2 * 16, _mm512_permutexvar_epi16(lo, both));
+            _mm512_storeu_si512(hpk + (e.g0 + b + g) * hstride + (j0 + j) / 2 * 16,
+                                _mm512_permutex2var_epi16(_mm512_castsi256_si512(hv[0]), pairs,
+                                                          _mm512_castsi256_si512(hv[1])));
           }
       }
     });
@@ -251,12 +249,12 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::
 
   // Routed rows: weighted, summed in float32 in expert order (as the torch path's index_add_) and rounded once;
   // the shared expert's output is rounded on its own, then added in bf16 (as `y + shared_experts(x)`).
-  run_experts(ex, H, gu.data_ptr<bf16>(), h.data_ptr<bf16>(), 2 * Imax, Imax,
+  run_experts(ex, packed, H, gu.data_ptr<bf16>(), h.data_ptr<bf16>(), 2 * Imax, Imax,
               [&](size_t i, const float* out, int64_t ld, int64_t n0, int64_t n1) {
                 const ExpertRows& e = ex[i];
                 for (int64_t m = 0; m < e.M; ++m)
                   for (int64_t n = n0; n < n1; n += 16) {
-                    const __mmask16 k = n1 - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n1 - n)) - 1);
+                    const __mmask16 k = lanes16(n1 - n);
                     const __m256i v = round_bf16x16(_mm512_maskz_loadu_ps(k, out + m * ld + n - n0));
                     if (i < routed) {  // acc[token] += bf16(v) * weight, in expert order
                       float* a = accp + token[e.r0 + m] * H + n;
@@ -271,7 +269,7 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::
               [&](int64_t n0, int64_t n1) {
                 for (int64_t tok = 0; tok < T; ++tok)
                   for (int64_t n = n0; n < n1; n += 16) {
-                    const __mmask16 k = n1 - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n1 - n)) - 1);
+                    const __mmask16 k = lanes16(n1 - n);
                     __m256i r = round_bf16x16(_mm512_maskz_loadu_ps(k, accp + tok * H + n));
                     if (shared)
                       r = round_bf16x16(_mm512_add_ps(bf16x16_to_float(r), bf16x16_to_float(

@@ -12,13 +12,13 @@ namespace glm47::cpu {
 inline void rms_norm_row(const bf16* x, const bf16* w, float eps, int64_t D, bf16* out) {
   __m512 ss = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += 16) {
-    const __mmask16 k = D - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1);
+    const __mmask16 k = lanes16(D - d);
     const __m512 v = bf16x16_to_float(_mm256_maskz_loadu_epi16(k, x + d));
     ss = _mm512_add_ps(ss, _mm512_mul_ps(v, v));
   }
   const __m512 r = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(D) + eps));
   for (int64_t d = 0; d < D; d += 16) {
-    const __mmask16 k = D - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1);
+    const __mmask16 k = lanes16(D - d);
     const __m512 v = bf16x16_to_float(_mm256_maskz_loadu_epi16(k, x + d));
     const __m512 n = bf16x16_to_float(round_bf16x16(_mm512_mul_ps(v, r)));
     const __m512 wv = bf16x16_to_float(_mm256_maskz_loadu_epi16(k, w + d));
@@ -46,7 +46,7 @@ std::vector<at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Te
     for (int64_t t = task * chunk; t < std::min(T, (task + 1) * chunk); ++t) {
       if (adding)
         for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 k = D - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1);
+          const __mmask16 k = lanes16(D - d);
           const __m512 a = bf16x16_to_float(_mm256_maskz_loadu_epi16(k, xp + t * D + d));
           const __m512 b = bf16x16_to_float(_mm256_maskz_loadu_epi16(k, ap + t * D + d));
           _mm256_mask_storeu_epi16(sp + t * D + d, k, round_bf16x16(_mm512_add_ps(a, b)));
@@ -69,17 +69,9 @@ inline float bf16_round_float(float v) {  // float -> nearest-even bf16 -> float
   return r;
 }
 
-// One head of D values in place (as floats holding bf16 values): RMSNorm with weight w (when given), as
-// RMSNorm.forward rounds it (normalised in float32, rounded, times the bf16 weight, rounded), then rotate-half
-// RoPE on the first `rot` dims, as apply_rope rounds it: bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)).
-inline void norm_rope_head(float* h, int64_t D, const float* w, float eps, const float* cos, const float* sin,
-                           int64_t rot, float* tmp) {
-  if (w) {
-    float ss = 0.f;
-    for (int64_t i = 0; i < D; ++i) ss += h[i] * h[i];
-    const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
-    for (int64_t i = 0; i < D; ++i) h[i] = bf16_round_float(w[i] * bf16_round_float(h[i] * r));
-  }
+// Rotate-half RoPE in place on the first `rot` of a head's values (floats holding bf16 values), as apply_rope
+// rounds it: bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)).
+inline void rope_head(float* h, const float* cos, const float* sin, int64_t rot, float* tmp) {
   const int64_t half = rot / 2;
   for (int64_t i = 0; i < half; ++i) tmp[i] = -h[i + half];
   for (int64_t i = half; i < rot; ++i) tmp[i] = h[i - half];
@@ -104,8 +96,8 @@ std::vector<at::Tensor> qk_norm_rope(const at::Tensor& qkv, int64_t H, int64_t H
   if (norm) {
     TORCH_CHECK(k_w.has_value() && k_w->defined() && q_w->numel() == D && k_w->numel() == D,
                 "q_norm and k_norm weights must both have head_dim values");
-    qw = q_w->to(at::kFloat).contiguous();
-    kw = k_w->to(at::kFloat).contiguous();
+    qw = q_w->to(at::kBFloat16).contiguous();  // RMSNorm's weight, in the model's dtype
+    kw = k_w->to(at::kBFloat16).contiguous();
   }
   at::Tensor q = at::empty({T, H, D}, qkv.options()), k = at::empty({T, Hkv, D}, qkv.options());
   const bf16 *src = qkv.data_ptr<bf16>(), *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
@@ -113,6 +105,7 @@ std::vector<at::Tensor> qk_norm_rope(const at::Tensor& qkv, int64_t H, int64_t H
   const int64_t ld = qkv.stride(0), chunk = std::max<int64_t>(1, 4096 / ((H + Hkv) * D));
   run_tasks((T + chunk - 1) / chunk, [&](int64_t task) {
     std::vector<float> h(D), tmp(D), c(rot), s(rot);
+    std::vector<bf16> normed(D);
     for (int64_t t = task * chunk; t < std::min(T, (task + 1) * chunk); ++t) {
       for (int64_t i = 0; i < rot; ++i) {
         c[i] = to_float(cp[t * rot + i]);
@@ -120,9 +113,12 @@ std::vector<at::Tensor> qk_norm_rope(const at::Tensor& qkv, int64_t H, int64_t H
       }
       for (int64_t j = 0; j < H + Hkv; ++j) {
         const bf16* x = src + t * ld + j * D;
+        if (norm) {  // over the whole head, before RoPE
+          rms_norm_row(x, (j < H ? qw : kw).data_ptr<bf16>(), static_cast<float>(eps), D, normed.data());
+          x = normed.data();
+        }
         for (int64_t i = 0; i < D; ++i) h[i] = to_float(x[i]);
-        const float* w = !norm ? nullptr : j < H ? qw.data_ptr<float>() : kw.data_ptr<float>();
-        norm_rope_head(h.data(), D, w, static_cast<float>(eps), c.data(), s.data(), rot, tmp.data());
+        rope_head(h.data(), c.data(), s.data(), rot, tmp.data());
         bf16* dst = j < H ? qp + (t * H + j) * D : kp + (t * Hkv + j - H) * D;
         for (int64_t i = 0; i < D; ++i) dst[i] = bf16(h[i]);  // exact: h holds bf16 values
       }

@@ -153,8 +153,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
         __mmask16 valid[KB / 16];
         __m512 vmax = _mm512_set1_ps(mx[r]);
         for (int64_t j = 0; j < KB; j += 16) {
-          valid[j / 16] = sees - j >= 16 ? (__mmask16)0xFFFF
-                          : sees - j <= 0 ? (__mmask16)0 : (__mmask16)((1u << (sees - j)) - 1);
+          valid[j / 16] = lanes16(sees - j);
           vmax = _mm512_mask_max_ps(vmax, valid[j / 16], vmax, _mm512_loadu_ps(sr + j));
         }
         const float m = _mm512_reduce_max_ps(vmax);
