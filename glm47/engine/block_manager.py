@@ -116,7 +116,7 @@ class BlockManager:
             seq.num_computed_tokens, seq.num_registered_blocks = computed, len(hits)
         for _ in range(num_new_blocks):
             seq.block_table.append(self._take_free())
-        self._register(seq, computed + num_new_tokens)
+        self._register(seq, min(computed + num_new_tokens, len(seq)))  # draft positions are no tokens yet
         return True
 
     def free(self, seq: Sequence) -> None:

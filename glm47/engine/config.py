@@ -23,11 +23,19 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     kv_cache_memory_fraction: float | None = None
     enable_prefix_caching: bool = True
+    # Speculative decoding with the checkpoint's MTP layer: tokens drafted per decode step (0 = off). Each
+    # draft is verified by the main model in the next step, so the output is the model's own (greedy: the same
+    # tokens; sampled: the same distribution). 1 is what vLLM and SGLang run GLM-4.x with; more chain the MTP
+    # layer on its own output, which it was not trained for, so later drafts are accepted less often.
+    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if (isinstance(self.num_speculative_tokens, bool) or not isinstance(self.num_speculative_tokens, int)
+                or not 0 <= self.num_speculative_tokens <= 8):
+            raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens!r} must be an integer in [0, 8]")
         for name in ("max_model_len", "kv_cache_tokens", "kv_cache_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):

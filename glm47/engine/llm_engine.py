@@ -60,6 +60,8 @@ class EngineStats:
     tokens_computed: int  # all tokens run through the model
     num_preemptions: int
     num_steps: int
+    spec_draft_tokens: int = 0  # MTP drafts verified by the model
+    spec_accepted_tokens: int = 0  # of those, accepted
 
 
 class LLMEngine:
@@ -74,6 +76,9 @@ class LLMEngine:
         device = model.lm_head.weight.device
         num_blocks = num_kv_blocks(config, ModelRunner.kv_bytes_per_block(model, config.block_size), device,
                                    self.max_model_len)
+        if config.num_speculative_tokens and not model.has_mtp:
+            raise ValueError(f"num_speculative_tokens={config.num_speculative_tokens} drafts with the checkpoint's "
+                             f"MTP layer (model.layers.{mc.num_hidden_layers}.*), and this model has none")
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -82,6 +87,7 @@ class LLMEngine:
         self._pending: list[StepOutput] = []  # abort notices, reported by the next step()
         self._ids = itertools.count()
         self._prompt_tokens_computed = self._generation_tokens = self._tokens_computed = self._steps = 0
+        self._drafted = self._accepted = 0
 
     @classmethod
     def from_path(cls, path: str | Path, dtype: torch.dtype | str | None = torch.bfloat16,
@@ -153,28 +159,66 @@ class LLMEngine:
             # Admission checks guarantee a lone request fits the pool, so an idle step with work left is a bug.
             assert not self.scheduler.has_unfinished(), "scheduler made no progress with requests left"
             return outputs
-        result = self.runner.run(batch.seqs, batch.num_tokens)
+        spec = self.config.num_speculative_tokens
+        result = self.runner.run(batch.seqs, batch.num_tokens, return_hidden=bool(spec))
         self._count(batch)
-        sampled = result.sampled
-        token_ids: list[int] = []
+        # One logits row per sampled sequence, or 1 + its drafts: row j checks draft j against the model, and
+        # sees the drafts before it as outputs (penalties, min_tokens).
+        params, gens, prompts, outs, stops, drafts = [], [], [], [], [], []
+        for seq, r in zip(result.sampled, result.num_logits):
+            for j in range(r):
+                params.append(seq.params)
+                gens.append(seq.generator)
+                prompts.append(seq.prompt_token_ids)
+                outs.append(seq.output_token_ids + seq.draft_token_ids[:j])
+                stops.append(list(seq.stop_token_ids))
+                drafts.append(seq.draft_token_ids[j] if j < r - 1 else None)
         out = None
-        if sampled:
-            out = sample(result.logits, [s.params for s in sampled], [s.generator for s in sampled],
-                         [s.prompt_token_ids for s in sampled], [s.output_token_ids for s in sampled],
-                         stop_ids=[list(s.stop_token_ids) for s in sampled])
-            token_ids = out.token_ids
-        finished = self.scheduler.update(batch, list(zip(sampled, token_ids)))
+        if params:
+            out = sample(result.logits, params, gens, prompts, outs, stop_ids=stops, drafts=drafts if spec else None)
+        new_tokens: list[tuple[Sequence, list[int], int]] = []  # (seq, tokens, first logits row)
+        row = 0
+        for seq, r in zip(result.sampled, result.num_logits):
+            tokens = []
+            for j in range(r):  # accepted drafts, then the first token that differs (or the one after them all)
+                tokens.append(out.token_ids[row + j])
+                if j == r - 1 or tokens[-1] != seq.draft_token_ids[j]:
+                    break
+            self._drafted += r - 1
+            self._accepted += len(tokens) - 1
+            new_tokens.append((seq, tokens, row))
+            row += r
+        lengths = [len(seq) for seq, _, _ in new_tokens]
+        finished = self.scheduler.update(batch, [(seq, tokens) for seq, tokens, _ in new_tokens])
         for seq in finished:
             del self._requests[seq.request_id]
-        for i, (seq, token_id) in enumerate(zip(sampled, token_ids)):
-            o = StepOutput(seq.request_id, [token_id], seq.is_finished, seq.finish_reason,
+        for (seq, tokens, row), before in zip(new_tokens, lengths):
+            taken = len(seq) - before  # fewer than tokens when it finished on an accepted draft
+            o = StepOutput(seq.request_id, tokens[:taken], seq.is_finished, seq.finish_reason,
                            num_cached_tokens=seq.num_cached_tokens)
             if seq.params.logprobs is not None:
-                o.logprobs, o.top_logprobs = [out.logprobs[i]], [out.top_logprobs[i]]
+                o.logprobs = out.logprobs[row:row + taken]
+                o.top_logprobs = out.top_logprobs[row:row + taken]
             outputs.append(o)
-        self._generation_tokens += len(token_ids)
+            self._generation_tokens += taken
+        if spec:
+            self._propose(result, batch)
         self._steps += 1
         return outputs
+
+    def _propose(self, result, batch: ScheduledBatch) -> None:
+        """MTP drafts for the next step: the MTP layer catches up on the positions this step settled (every
+        computed token of a prefill chunk, a decode and its accepted drafts), then drafts for each sequence
+        that got a token and goes on."""
+        valid = [0 if seq.is_finished else seq.num_computed_tokens - start
+                 for seq, start in zip(result.seqs, result.starts)]
+        bm = self.block_manager
+
+        def grow(seq: Sequence, tokens: int) -> bool:
+            return bm.allocate(seq, max(0, tokens - seq.num_computed_tokens))
+
+        for seq, d in self.runner.draft(result, valid, self.config.num_speculative_tokens, grow).items():
+            seq.draft_token_ids = d
 
     def _count(self, batch: ScheduledBatch) -> None:
         for seq, n in zip(batch.seqs, batch.num_tokens):
@@ -217,4 +261,5 @@ class LLMEngine:
         bm, sch = self.block_manager, self.scheduler
         return EngineStats(len(sch.running), len(sch.waiting), bm.usage, bm.num_blocks, bm.num_free_blocks,
                            sch.prefix_query_tokens, sch.prefix_hit_tokens, self._prompt_tokens_computed,
-                           self._generation_tokens, self._tokens_computed, sch.num_preemptions, self._steps)
+                           self._generation_tokens, self._tokens_computed, sch.num_preemptions, self._steps,
+                           self._drafted, self._accepted)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from glm47.engine.config import EngineConfig
 from glm47.engine.paged_attention import ForwardBatch, KVPool
+from glm47.engine.sampling import argmax_rows
 from glm47.engine.sequence import Sequence
 
 
@@ -72,10 +73,13 @@ def onednn(enabled: bool):
 @dataclass(slots=True)
 class StepResult:
     seqs: list[Sequence]  # the step's sequences in flat-batch order (decodes first)
-    query_lens: list[int]  # tokens each computed
-    sampled: list[Sequence]  # sequences whose last token was computed: one logits row each, in this order
-    logits: Tensor  # (len(sampled), V) float32
+    query_lens: list[int]  # tokens each computed (drafts included)
+    sampled: list[Sequence]  # sequences whose last token was computed, in logits order
+    num_logits: list[int]  # logits rows of each sampled sequence: 1 + its drafts
+    logits: Tensor  # (sum(num_logits), V) float32
     hidden: Tensor | None  # (T, hidden_size) final-normed hidden states in flat order, when asked
+    offsets: list[int]  # where each of seqs starts in the flat batch
+    starts: list[int]  # its first position computed (num_computed_tokens before the step)
 
 
 class ModelRunner:
@@ -98,21 +102,42 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_tokens: list[int], return_hidden: bool = False) -> StepResult:
         """Computes num_tokens[i] tokens of seqs[i] (from its num_computed_tokens on), whose blocks are
-        allocated. Does not advance num_computed_tokens (the scheduler does, after sampling)."""
-        rows = sorted(zip(seqs, num_tokens), key=lambda r: r[1] > 1)  # single-token rows first, stable
+        allocated. Does not advance num_computed_tokens (the scheduler does, after sampling). A decode that
+        brings drafts (num_tokens > its uncomputed tokens) computes them as that many more one-token rows, each
+        exactly as a plain decode step would compute it, and gets a logits row for each."""
+        # single-token rows first (decodes and their drafts), stable
+        rows = sorted(zip(seqs, num_tokens), key=lambda r: r[1] > 1 and not r[0].draft_token_ids)
         ids: list[int] = []
         positions: list[int] = []
-        last: list[int] = []  # flat index of the last token of each sampled sequence
+        last: list[int] = []  # flat index of each logits row
         sampled: list[Sequence] = []
+        num_logits: list[int] = []
+        tables, contexts, query_lens, offsets, starts = [], [], [], [], []
         for seq, n in rows:
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
-            if start + n == len(seq):
-                last.append(len(ids) - 1)
+            offsets.append(len(ids))
+            starts.append(start)
+            if n > seq.num_uncomputed_tokens:  # the last token and its drafts, one decode row each
+                assert seq.num_uncomputed_tokens == 1 and n == 1 + len(seq.draft_token_ids), seq
+                last.extend(range(len(ids), len(ids) + n))
+                ids.append(seq.token_ids[-1])
+                ids.extend(seq.draft_token_ids)
+                tables.extend([seq.block_table] * n)
+                contexts.extend(range(start, start + n))
+                query_lens.extend([1] * n)
                 sampled.append(seq)
-        batch = ForwardBatch.build(self.kv, [s.block_table for s, _ in rows],
-                                   [s.num_computed_tokens for s, _ in rows], [n for _, n in rows])
+                num_logits.append(n)
+            else:
+                ids.extend(seq.token_ids[start:start + n])
+                tables.append(seq.block_table)
+                contexts.append(start)
+                query_lens.append(n)
+                if start + n == len(seq):
+                    last.append(len(ids) - 1)
+                    sampled.append(seq)
+                    num_logits.append(1)
+            positions.extend(range(start, start + n))
+        batch = ForwardBatch.build(self.kv, tables, contexts, query_lens)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)[None]  # (1, T)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
         # Slice before the LM head: a 2,048-token prefill needs one row of logits, not 2,048.
@@ -120,5 +145,59 @@ class ModelRunner:
         with onednn(self.device.type != "cpu" or len(ids) > NATIVE_GEMM_MAX_TOKENS):
             hidden = self.model.model(input_ids, pos, batch)[0]  # (T, hidden)
             logits = self.model.lm_head(hidden.index_select(0, index)).float()
-        return StepResult([s for s, _ in rows], [n for _, n in rows], sampled, logits,
-                          hidden if return_hidden else None)
+        return StepResult([s for s, _ in rows], [n for _, n in rows], sampled, num_logits, logits,
+                          hidden if return_hidden else None, offsets, starts)
+
+    @torch.inference_mode()
+    def draft(self, result: StepResult, valid: list[int], depth: int, grow) -> dict[Sequence, list[int]]:
+        """MTP drafting once a step's tokens are settled. For each of result.seqs with valid[i] > 0 the MTP layer
+        runs over its first valid[i] computed positions p (main hidden at p and the token at p+1, all known now),
+        which fills the MTP layer's KV cache there. A sequence whose last position is among them (it got a new
+        token) and has room drafts up to `depth` tokens (greedy): the first from that position, each further one
+        by running the layer again on its own output one position on (that position's MTP K/V is rewritten by
+        the next step). grow(seq, tokens) must make the block table cover `tokens` tokens, or return False (then
+        the sequence drafts no further). Returns {sequence: drafts}."""
+        model, dev = self.model, self.device
+        flat, ids, positions, tables, contexts, query_lens, heads, drafting = [], [], [], [], [], [], [], []
+        rows = sorted((r for r in zip(result.seqs, result.offsets, result.starts, valid) if r[3] > 0),
+                      key=lambda r: r[3] > 1)  # single-position rows first, as ForwardBatch wants
+        for seq, offset, start, n in rows:
+            flat.extend(range(offset, offset + n))
+            ids.extend(seq.token_ids[start + 1:start + n + 1])
+            positions.extend(range(start, start + n))
+            tables.append(seq.block_table)
+            contexts.append(start)
+            query_lens.append(n)
+            if start + n == len(seq) - 1 and seq.max_drafts > 0:
+                heads.append(len(ids) - 1)
+                drafting.append(seq)
+        if not flat:
+            return {}
+
+        def step(hidden: Tensor, tokens: list[int], pos: list[int], batch: ForwardBatch, rows: list[int]) -> Tensor:
+            with onednn(dev.type != "cpu" or len(tokens) > NATIVE_GEMM_MAX_TOKENS):
+                out = model.mtp_hidden(hidden[None], torch.tensor(tokens, device=dev)[None],
+                                       torch.tensor(pos, device=dev)[None], batch)[0]
+                return out.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev))
+
+        out = step(result.hidden.index_select(0, torch.tensor(flat, dtype=torch.long, device=dev)), ids, positions,
+                   ForwardBatch.build(self.kv, tables, contexts, query_lens), heads)
+        drafts: list[list[int]] = [[] for _ in drafting]
+        live = list(range(len(drafting)))  # drafting sequences still going, one row of `out` each
+        while live:
+            with onednn(dev.type != "cpu" or len(live) > NATIVE_GEMM_MAX_TOKENS):
+                tokens = argmax_rows(model.mtp_head(out).float()).tolist()
+            for i, t in zip(live, tokens):
+                drafts[i].append(t)
+            # The next draft runs the layer at position len - 2 + j (j drafts so far), whose K/V needs a slot.
+            keep = [r for r, i in enumerate(live) if len(drafts[i]) < min(depth, drafting[i].max_drafts)
+                    and grow(drafting[i], len(drafting[i]) - 1 + len(drafts[i]))]
+            if not keep:
+                break
+            live = [live[r] for r in keep]
+            seqs = [drafting[i] for i in live]
+            pos = [len(s) - 2 + len(drafts[i]) for s, i in zip(seqs, live)]
+            out = step(out.index_select(0, torch.tensor(keep, dtype=torch.long, device=dev)), [drafts[i][-1] for i in live], pos,
+                       ForwardBatch.build(self.kv, [s.block_table for s in seqs], pos, [1] * len(seqs)),
+                       list(range(len(seqs))))
+        return {seq: d for seq, d in zip(drafting, drafts)}

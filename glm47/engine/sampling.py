@@ -235,7 +235,7 @@ def argmax_rows(x: Tensor, chunk: int = 1024) -> Tensor:
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            prompt_ids: list[list[int]], output_ids: list[list[int]], stop_ids: list[list[int]] | None = None,
-           default_generator: torch.Generator | None = None) -> SampleOutput:
+           default_generator: torch.Generator | None = None, drafts: list[int | None] | None = None) -> SampleOutput:
     """One token per row of logits (N, V). Order: min_tokens mask, penalties, then greedy argmax, or temperature,
     top-k, top-p, min-p (HF's order) and the Gumbel-max draw (probs / Exp(1) noise, argmax).
 
@@ -244,7 +244,13 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
     live on logits.device. stop_ids[i] are the ids masked while row i has fewer than min_tokens outputs: the
     engine passes stop_token_ids plus eos (unless ignore_eos); without it, params[i].stop_token_ids is used.
     Logprobs are the model's own log-softmax of the raw logits (vLLM's default), untouched by penalties,
-    temperature and filters: they say how likely the model found the token, which is what clients expect."""
+    temperature and filters: they say how likely the model found the token, which is what clients expect.
+
+    drafts[i], when given and not None, is a token proposed for row i (speculative decoding): the row's token is
+    then the draft itself exactly when the draft is accepted. A greedy row accepts it when it is the argmax; a
+    sampled row with probability p(draft) of the row's final distribution p, and otherwise samples from p
+    without the draft, renormalised: rejection sampling against a one-hot draft, so the token is distributed
+    by p whatever the draft was."""
     n, vocab = logits.shape
     assert len(params) == len(generators) == len(prompt_ids) == len(output_ids) == n, (
         n, len(params), len(generators), len(prompt_ids), len(output_ids))
@@ -278,8 +284,20 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
             x = top_p_filter(x, _column(sub, "top_p", dev))
         if any(p.min_p > 0 for p in sub):
             x = min_p_filter(x, _column(sub, "min_p", dev))
+        probs = x.softmax(-1)
         noise = _exponential_noise(x, [generators[i] for i in rows], default_generator)
-        token_ids[idx] = argmax_rows(x.softmax(-1) / noise)
+        checked = [j for j, i in enumerate(rows) if drafts is not None and drafts[i] is not None]
+        if checked:
+            d = torch.tensor([drafts[rows[j]] for j in checked], device=dev)
+            u = torch.cat([torch.rand(1, device=dev, generator=generators[rows[j]] or default_generator)
+                           for j in checked])
+            at = torch.tensor(checked, device=dev)
+            accept = u < probs[at, d]
+            probs[at[~accept], d[~accept]] = 0  # a rejected draft: sample from the rest
+        tokens = argmax_rows(probs / noise)
+        if checked:
+            tokens[at[accept]] = d[accept]
+        token_ids[idx] = tokens
 
     logprobs: list[float | None] = [None] * n
     top: list[list[tuple[int, float]]] = [[] for _ in range(n)]

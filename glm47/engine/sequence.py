@@ -23,7 +23,7 @@ class SequenceStatus(Enum):
 class Sequence:
     __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "params", "max_tokens", "stop_token_ids",
                  "generator", "status", "finish_reason", "block_table", "block_hashes", "num_registered_blocks",
-                 "num_computed_tokens", "num_cached_tokens")
+                 "num_computed_tokens", "num_cached_tokens", "draft_token_ids")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, max_tokens: int,
                  stop_token_ids: frozenset[int], generator: torch.Generator | None = None):
@@ -43,6 +43,9 @@ class Sequence:
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.num_computed_tokens = 0  # tokens whose K/V is in the cache
         self.num_cached_tokens = 0  # of those, how many the prefix cache supplied at the last admission
+        # Speculative decoding: tokens the MTP layer proposes after token_ids, not part of the sequence until
+        # the main model accepts them. A step that schedules them computes positions len(self) onwards too.
+        self.draft_token_ids: list[int] = []
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -58,6 +61,11 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def max_drafts(self) -> int:
+        """Drafts worth proposing: a step emits accepted drafts + 1 token, which must stay within max_tokens."""
+        return max(0, self.max_tokens - self.num_output_tokens - 1)
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -69,16 +69,25 @@ class Glm4MoeForCausalLM(nn.Module):
         """Draft logits for position i+2 from the main model's final-normed hidden at i (B, T, H) and the
         tokens at i+1 (B, T). `positions` are those of the hidden states (i). Returns (logits (B, T, V),
         the MTP layer's output before shared_head.norm (B, T, H), which is what a further draft step takes)."""
+        out = self.mtp_hidden(hidden, next_ids, positions, cache, depth)
+        return self.mtp_head(out, depth), out
+
+    def mtp_hidden(self, hidden: Tensor, next_ids: Tensor, positions: Tensor | None = None, cache=None,
+                   depth: int = 0) -> Tensor:
+        """The MTP layer alone: its output before shared_head.norm (B, T, H); mtp_head turns rows of it into
+        logits (an engine asks for a few rows only)."""
         if not self.has_mtp:
             raise ValueError("this model has no MTP layer (the checkpoint had no MTP weights)")
-        layer = self.mtp[depth]
         if positions is None:
             B, T = next_ids.shape
             positions = torch.arange(T, device=next_ids.device).expand(B, T)
         rope = self.model.rotary_emb(positions, hidden.dtype)
-        out = layer.forward_mtp(hidden, next_ids, positions, rope, cache or NoCache(), self.model.embed_tokens)
-        head = layer.shared_head.head or self.lm_head
-        return head(layer.shared_head.norm(out)), out
+        return self.mtp[depth].forward_mtp(hidden, next_ids, positions, rope, cache or NoCache(),
+                                           self.model.embed_tokens)
+
+    def mtp_head(self, out: Tensor, depth: int = 0) -> Tensor:
+        shared = self.mtp[depth].shared_head
+        return (shared.head or self.lm_head)(shared.norm(out))
 
     def mtp_logits(self, hidden: Tensor, next_ids: Tensor, positions: Tensor | None = None, cache=None) -> Tensor:
         return self.mtp_forward(hidden, next_ids, positions, cache)[0]
