@@ -24,7 +24,7 @@ def step(sched, token=1):
     """schedule + a fake forward pass: every sequence whose last token was computed samples `token`."""
     batch = sched.schedule()
     plan = {s.request_id: n for s, n in zip(batch.seqs, batch.num_tokens)}
-    sampled = [(s, token) for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed_tokens + n == len(s)]
+    sampled = [(s, [token]) for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed_tokens + n == len(s)]
     sched.update(batch, sampled)
     return plan
 

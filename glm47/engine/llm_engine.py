@@ -162,9 +162,12 @@ class LLMEngine:
         spec = self.config.num_speculative_tokens
         result = self.runner.run(batch.seqs, batch.num_tokens, return_hidden=bool(spec))
         self._count(batch)
-        # One logits row per sampled sequence, or 1 + its drafts: row j checks draft j against the model, and
-        # sees the drafts before it as outputs (penalties, min_tokens).
-        params, gens, prompts, outs, stops, drafts = [], [], [], [], [], []
+        # One logits row per sampled sequence, or 1 + its drafts: row j is sampled as plain decoding would sample
+        # that position (the drafts before it count as outputs for penalties and min_tokens), and draft j is
+        # accepted when row j's token is the draft itself. So the tokens are exactly plain decoding's, greedy or
+        # sampled (a seeded generator is rewound below to the first row not kept), and a draft is accepted with
+        # the probability the model gives it: rejection sampling against a one-hot draft, with the same odds.
+        params, gens, prompts, outs, stops = [], [], [], [], []
         for seq, r in zip(result.sampled, result.num_logits):
             for j in range(r):
                 params.append(seq.params)
@@ -172,10 +175,9 @@ class LLMEngine:
                 prompts.append(seq.prompt_token_ids)
                 outs.append(seq.output_token_ids + seq.draft_token_ids[:j])
                 stops.append(list(seq.stop_token_ids))
-                drafts.append(seq.draft_token_ids[j] if j < r - 1 else None)
         out = None
         if params:
-            out = sample(result.logits, params, gens, prompts, outs, stop_ids=stops, drafts=drafts if spec else None)
+            out = sample(result.logits, params, gens, prompts, outs, stop_ids=stops)
         new_tokens: list[tuple[Sequence, list[int], int]] = []  # (seq, tokens, first logits row)
         row = 0
         for seq, r in zip(result.sampled, result.num_logits):
@@ -184,6 +186,8 @@ class LLMEngine:
                 tokens.append(out.token_ids[row + j])
                 if j == r - 1 or tokens[-1] != seq.draft_token_ids[j]:
                     break
+            if len(tokens) < r and out.generator_states[row + len(tokens)] is not None:
+                seq.generator.set_state(out.generator_states[row + len(tokens)])  # the unkept rows drew nothing
             self._drafted += r - 1
             self._accepted += len(tokens) - 1
             new_tokens.append((seq, tokens, row))

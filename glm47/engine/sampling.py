@@ -219,6 +219,9 @@ class SampleOutput:
     token_ids: list[int]
     logprobs: list[float | None]  # the sampled token's raw log-prob; None where the request asked for none
     top_logprobs: list[list[tuple[int, float]]]  # (id, raw log-prob), most likely first; [] when not asked
+    # per row, its generator's state before the row drew its noise (None: greedy or no generator of its own);
+    # speculative decoding rewinds a generator to the first row whose token it did not keep
+    generator_states: list[Tensor | None]
 
 
 def argmax_rows(x: Tensor, chunk: int = 1024) -> Tensor:
@@ -235,7 +238,7 @@ def argmax_rows(x: Tensor, chunk: int = 1024) -> Tensor:
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            prompt_ids: list[list[int]], output_ids: list[list[int]], stop_ids: list[list[int]] | None = None,
-           default_generator: torch.Generator | None = None, drafts: list[int | None] | None = None) -> SampleOutput:
+           default_generator: torch.Generator | None = None) -> SampleOutput:
     """One token per row of logits (N, V). Order: min_tokens mask, penalties, then greedy argmax, or temperature,
     top-k, top-p, min-p (HF's order) and the Gumbel-max draw (probs / Exp(1) noise, argmax).
 
@@ -244,13 +247,7 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
     live on logits.device. stop_ids[i] are the ids masked while row i has fewer than min_tokens outputs: the
     engine passes stop_token_ids plus eos (unless ignore_eos); without it, params[i].stop_token_ids is used.
     Logprobs are the model's own log-softmax of the raw logits (vLLM's default), untouched by penalties,
-    temperature and filters: they say how likely the model found the token, which is what clients expect.
-
-    drafts[i], when given and not None, is a token proposed for row i (speculative decoding): the row's token is
-    then the draft itself exactly when the draft is accepted. A greedy row accepts it when it is the argmax; a
-    sampled row with probability p(draft) of the row's final distribution p, and otherwise samples from p
-    without the draft, renormalised: rejection sampling against a one-hot draft, so the token is distributed
-    by p whatever the draft was."""
+    temperature and filters: they say how likely the model found the token, which is what clients expect."""
     n, vocab = logits.shape
     assert len(params) == len(generators) == len(prompt_ids) == len(output_ids) == n, (
         n, len(params), len(generators), len(prompt_ids), len(output_ids))
@@ -273,6 +270,7 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
                                  _column(params, "frequency_penalty", dev))
 
     token_ids = argmax_rows(logits)
+    states: list[Tensor | None] = [None] * n
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         sub = [params[i] for i in rows]
@@ -284,20 +282,10 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
             x = top_p_filter(x, _column(sub, "top_p", dev))
         if any(p.min_p > 0 for p in sub):
             x = min_p_filter(x, _column(sub, "min_p", dev))
-        probs = x.softmax(-1)
-        noise = _exponential_noise(x, [generators[i] for i in rows], default_generator)
-        checked = [j for j, i in enumerate(rows) if drafts is not None and drafts[i] is not None]
-        if checked:
-            d = torch.tensor([drafts[rows[j]] for j in checked], device=dev)
-            u = torch.cat([torch.rand(1, device=dev, generator=generators[rows[j]] or default_generator)
-                           for j in checked])
-            at = torch.tensor(checked, device=dev)
-            accept = u < probs[at, d]
-            probs[at[~accept], d[~accept]] = 0  # a rejected draft: sample from the rest
-        tokens = argmax_rows(probs / noise)
-        if checked:
-            tokens[at[accept]] = d[accept]
-        token_ids[idx] = tokens
+        noise, row_states = _exponential_noise(x, [generators[i] for i in rows], default_generator)
+        token_ids[idx] = argmax_rows(x.softmax(-1) / noise)
+        for j, i in enumerate(rows):
+            states[i] = row_states[j]
 
     logprobs: list[float | None] = [None] * n
     top: list[list[tuple[int, float]]] = [[] for _ in range(n)]
@@ -312,7 +300,7 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
         for j, i in enumerate(want):
             logprobs[i] = chosen[j]
             top[i] = list(zip(top_i[j][: params[i].logprobs], top_v[j][: params[i].logprobs]))
-    return SampleOutput(token_ids.tolist(), logprobs, top)
+    return SampleOutput(token_ids.tolist(), logprobs, top, states)
 
 
 def _column(params: list[SamplingParams], name: str, device: torch.device, dtype=torch.float32) -> Tensor:
@@ -320,9 +308,11 @@ def _column(params: list[SamplingParams], name: str, device: torch.device, dtype
 
 
 def _exponential_noise(like: Tensor, generators: list[torch.Generator | None],
-                       default_generator: torch.Generator | None) -> Tensor:
-    """Exp(1) noise shaped like `like`; each row with a generator draws exactly V values from it per step."""
+                       default_generator: torch.Generator | None) -> tuple[Tensor, list[Tensor | None]]:
+    """Exp(1) noise shaped like `like`; each row with a generator draws exactly V values from it per step, rows
+    in order. Also returns each such row's generator state from before its draw (None for the others)."""
     noise = torch.empty_like(like)
+    states: list[Tensor | None] = [None] * len(generators)
     shared = [j for j, g in enumerate(generators) if g is None]
     if len(shared) == len(generators):
         noise.exponential_(generator=default_generator)
@@ -331,6 +321,7 @@ def _exponential_noise(like: Tensor, generators: list[torch.Generator | None],
             generator=default_generator)
     for j, g in enumerate(generators):
         if g is not None:
+            states[j] = g.get_state()
             noise[j].exponential_(generator=g)
     # A draw of exactly 0 would make a filtered token's 0 / 0 = NaN, which argmax picks; tiny keeps it 0.
-    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny), states
