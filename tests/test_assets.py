@@ -72,6 +72,16 @@ def test_glm47_chat_with_no_model_uses_the_embedded_one():
     assert "1086" in out.stdout.split("[answer]")[-1]
 
 
+def test_glm47_generate_with_mtp_drafts_prints_the_same_reply(capsys):
+    from glm47.cli.main import main
+
+    replies = []
+    for extra in ([], ["--speculative-tokens", "2"]):
+        assert main(["generate", "--temperature", "0", "--max-tokens", "60", "What is 9 * 8?", *extra]) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] and "[tool call]" in replies[0]
+
+
 @pytest.fixture(scope="module")
 def served():
     """`glm47 serve` with no --model: the embedded model, as a real process on loopback."""

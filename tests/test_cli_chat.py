@@ -69,8 +69,8 @@ def fake(monkeypatch):
     def run(replies, stdin="", args=(), source=("--model", "ckpt"), llm_class=ScriptedLLM, out=None):
         llm = llm_class(replies)
 
-        def load_llm(model, dtype):
-            llm.loaded = (model, dtype)
+        def load_llm(model, dtype, speculative_tokens=0):
+            llm.loaded = (model, dtype) if not speculative_tokens else (model, dtype, speculative_tokens)
             return llm
 
         monkeypatch.setattr(chat_cli, "load_llm", load_llm)
@@ -355,3 +355,8 @@ def test_url_that_refuses_or_is_unreachable_is_a_clear_error(server, capsys, mak
     assert main(["chat", "--url", url, "--api-key", key, "Hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"glm47 chat: error: --url {url}: ") and reason in err and "Traceback" not in err
+
+
+def test_speculative_tokens_flag_reaches_the_model(fake):
+    code, _, llm = fake([answer("Hello.")], "Hi\n/exit\n", args=("--speculative-tokens", "2"))
+    assert code == 0 and llm.loaded == ("ckpt", "bfloat16", 2)

@@ -14,7 +14,7 @@ import sys
 from typing import Any, TextIO
 
 from glm47.agent import run_agent
-from glm47.cli.common import model_dir
+from glm47.cli.common import SPECULATIVE_HELP, model_dir
 
 COMMANDS_HELP = ("commands: /think on|off switches thinking, /clear (or /reset) starts a new conversation, "
                  "/help shows this, /exit (or EOF) leaves")
@@ -38,14 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--speculative-tokens", type=int, default=0, metavar="N", help=SPECULATIVE_HELP)
     p.set_defaults(func=run)
 
 
-def load_llm(model: str, dtype: str) -> Any:
+def load_llm(model: str, dtype: str, speculative_tokens: int = 0) -> Any:
     """The model; a function of its own so tests can swap in a scripted one (and torch loads only here)."""
     from glm47.llm import LLM
 
-    return LLM(model, dtype=dtype)
+    return LLM(model, dtype=dtype, num_speculative_tokens=speculative_tokens)
 
 
 class RemoteModel:
@@ -150,7 +151,7 @@ def open_model(args: argparse.Namespace) -> tuple[Any, Any]:
     from glm47.engine.sampling import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=0.95, max_tokens=args.max_tokens, seed=args.seed)
-    return load_llm(model_dir(args.model), args.dtype), params
+    return load_llm(model_dir(args.model, "--model or --url"), args.dtype, args.speculative_tokens), params
 
 
 class Session:

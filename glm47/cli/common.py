@@ -1,12 +1,12 @@
-"""What several `glm47` commands share: which checkpoint to load when --model is not given."""
+"""What several `glm47` commands share: which checkpoint to load when --model is not given, and the engine
+options they all take."""
 
 from __future__ import annotations
 
-NO_DEFAULT = "no --model or --url given and no embedded default model is installed"
-
-
-def model_dir(model: str | None) -> str:
-    """--model, else the embedded default model's directory (a ValueError when none is installed)."""
+def model_dir(model: str | None, alternatives: str = "--model") -> str:
+    """--model, else the embedded default model's directory (a ValueError when none is installed, naming the
+    command's own ways to give a model: `alternatives`)."""
+    NO_DEFAULT = f"no {alternatives} given and no embedded default model is installed"
     if model:
         return model
     try:
@@ -22,3 +22,7 @@ def model_dir(model: str | None) -> str:
     if not path.exists():
         raise ValueError(f"{NO_DEFAULT} ({path} does not exist)")
     return str(path)
+
+
+SPECULATIVE_HELP = ("draft this many tokens a step with the checkpoint's MTP layer (speculative decoding; the output "
+                    "is the same, the speed higher when drafts are accepted; default 0 = off)")

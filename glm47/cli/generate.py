@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from glm47.cli.common import SPECULATIVE_HELP
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a reply to a prompt or chat messages, streamed",
@@ -26,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
+    p.add_argument("--speculative-tokens", type=int, default=0, metavar="N", help=SPECULATIVE_HELP)
     p.set_defaults(func=run)
 
 
@@ -90,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--raw needs a prompt")
     messages = None if args.raw else _messages(args)
     tools = _tools(args.tools)
-    llm = LLM(model_dir(args.model), dtype=args.dtype, kv_cache_tokens=args.kv_cache_tokens)
+    llm = LLM(model_dir(args.model), dtype=args.dtype, kv_cache_tokens=args.kv_cache_tokens,
+              num_speculative_tokens=args.speculative_tokens)
     printer = Printer()
     reason = None
     if args.raw:
