@@ -85,3 +85,26 @@ def test_64_concurrent_streams_all_complete_well_formed_and_free_every_block(ser
     assert wait_idle(url, 1.0) == (0.0, 0.0) and all_blocks_free(engine)
     tokens = metric(httpx.get(url + "/metrics").text, "glm47:generation_tokens_total") - tokens_before
     assert tokens == CLIENTS * MAX_TOKENS  # every token sent once, none lost or repeated by preemption
+
+
+def test_speculative_decoding_behind_the_server_streams_the_same_reply_and_counts_its_drafts():
+    """The embedded model served with MTP drafts: a greedy streamed reply equals the one without them (as text,
+    chunk by chunk joined), and /metrics counts drafted and accepted tokens."""
+    from glm47.assets import default_model_path
+
+    path = default_model_path()
+    body = {"messages": [{"role": "user", "content": "What is 12 * 7?"}], "stream": True, "max_tokens": 60,
+            "temperature": 0}
+    replies = []
+    for k in (0, 2):
+        engine = LLMEngine.from_path(path, num_speculative_tokens=k, kv_cache_tokens=KV_TOKENS)
+        with running(create_app(engine, Tokenizer.from_dir(path), ServerConfig())) as url:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+                parts = chunks(list(r.iter_lines()))
+            replies.append(["".join(str(c["choices"][0]["delta"].get(key) or "") for c in parts if c["choices"])
+                            for key in ("reasoning_content", "content", "tool_calls")])
+            text = httpx.get(url + "/metrics").text
+            drafted = metric(text, "glm47:spec_decode_num_draft_tokens_total")
+            accepted = metric(text, "glm47:spec_decode_num_accepted_tokens_total")
+            assert (drafted > 10 and 0 < accepted <= drafted) if k else drafted == accepted == 0
+    assert replies[0] == replies[1] and replies[0][0]

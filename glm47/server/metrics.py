@@ -39,6 +39,11 @@ class Metrics:
                                          labels, registry=r).labels(model_name)
         self.num_preemptions = Counter("glm47:num_preemptions", "Requests preempted to free KV blocks.",
                                        labels, registry=r).labels(model_name)
+        self.spec_decode_num_draft_tokens = Counter("glm47:spec_decode_num_draft_tokens",
+                                                    "MTP draft tokens verified (speculative decoding).",
+                                                    labels, registry=r).labels(model_name)
+        self.spec_decode_num_accepted_tokens = Counter("glm47:spec_decode_num_accepted_tokens",
+                                                       "MTP draft tokens accepted.", labels, registry=r).labels(model_name)
         self._success = Counter("glm47:request_success", "Finished requests, by finish reason.",
                                 labels + ["finished_reason"], registry=r)
         self._model_name = model_name
@@ -50,7 +55,7 @@ class Metrics:
         self.e2e_request_latency = Histogram("glm47:e2e_request_latency_seconds", "Arrival to last token.",
                                              labels, buckets=E2E_BUCKETS, registry=r).labels(model_name)
         # EngineStats counters are cumulative; Prometheus counters only move by increments.
-        self._last = {"queries": 0, "hits": 0, "preemptions": 0}
+        self._last = {"queries": 0, "hits": 0, "preemptions": 0, "drafts": 0, "accepted": 0}
 
     def request_finished(self, finish_reason: str) -> None:
         self._success.labels(self._model_name, finish_reason).inc()
@@ -62,7 +67,9 @@ class Metrics:
         self.kv_cache_usage_perc.set(stats.kv_usage)
         for key, counter, value in (("queries", self.prefix_cache_queries, stats.prefix_cache_queries),
                                     ("hits", self.prefix_cache_hits, stats.prefix_cache_hits),
-                                    ("preemptions", self.num_preemptions, stats.num_preemptions)):
+                                    ("preemptions", self.num_preemptions, stats.num_preemptions),
+                                    ("drafts", self.spec_decode_num_draft_tokens, stats.spec_draft_tokens),
+                                    ("accepted", self.spec_decode_num_accepted_tokens, stats.spec_accepted_tokens)):
             if value > self._last[key]:
                 counter.inc(value - self._last[key])
             self._last[key] = value
