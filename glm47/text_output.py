@@ -18,6 +18,8 @@ class TextStep:
     done: bool  # the request's last step
     finish_reason: str | None  # set when done: 'stop' | 'length' | 'abort'
     abort: bool  # a stop string ended it but the engine has not finished it: the caller must abort it
+    num_tokens: int  # how many of the step's token ids belong to the output: all, unless a stop string ended it
+    # on an earlier one (a speculative step brings several); the caller reports and counts only these
 
 
 class TextTrack:
@@ -39,10 +41,15 @@ class TextTrack:
         ids, reason = new_token_ids, finish_reason
         # The stop token ends the reply; it is counted but not shown as text.
         shown = ids[:-1] if reason == "stop" and ids and ids[-1] in self.stop_ids else ids
-        text, stopped = self.matcher.feed(self.decoder.feed(shown))
-        if stopped:  # a stop string: the request ends here whatever the engine thinks
-            return TextStep(text, True, "stop", not finished)
+        # With stop strings, several ids go in one at a time, so that a string ends the output at its own token.
+        pieces = [[t] for t in shown] if self.matcher.stops and len(shown) > 1 else [shown]
+        text = ""
+        for i, piece in enumerate(pieces):
+            more, stopped = self.matcher.feed(self.decoder.feed(piece))
+            text += more
+            if stopped:  # a stop string: the request ends here whatever the engine thinks
+                return TextStep(text, True, "stop", not finished, i + 1 if len(pieces) > 1 else len(ids))
         if finished:
             tail, _ = self.matcher.feed(self.decoder.flush())
             text += tail + self.matcher.flush()
-        return TextStep(text, finished, reason if finished else None, False)
+        return TextStep(text, finished, reason if finished else None, False, len(ids))

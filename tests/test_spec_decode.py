@@ -203,3 +203,26 @@ def test_speculative_decoding_needs_an_mtp_layer(tmp_path):
         engine(model, 1)
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineConfig(num_speculative_tokens=-1)
+
+
+def test_a_stop_string_inside_a_speculative_step_ends_the_output_at_its_own_token():
+    """A step can bring several tokens; a stop string completed by the first of them ends the output there:
+    the same text, token ids and logprobs as plain decoding, streamed or whole."""
+    from glm47 import LLM
+
+    msgs = [{"role": "user", "content": "Write a haiku about rain."}]
+    plain = LLM(default_model_path()).chat(msgs, sampling_params=greedy(60))
+    words = (plain.reasoning_content or "").split()
+    stop = " ".join(words[2:4])  # "my tools": with drafts, " tools" comes third of a step's four tokens
+    outs = []
+    for k in (0, 3):
+        llm = LLM(default_model_path(), num_speculative_tokens=k)
+        params = SamplingParams(temperature=0, max_tokens=60, stop=[stop], logprobs=0)
+        whole = llm.generate(prompt_token_ids=[chat_prompts(2)[1]], sampling_params=params)[0]
+        deltas = list(llm.generate_stream(prompt_token_ids=[chat_prompts(2)[1]], sampling_params=params))
+        assert [t for d in deltas for t in d.token_ids] == whole.token_ids
+        outs.append((whole.text, whole.token_ids, whole.finish_reason, len(whole.logprobs)))
+        if k:
+            assert llm.engine.stats().spec_accepted_tokens > 0
+    assert outs[0] == outs[1] and outs[0][2] == "stop" and stop not in outs[0][0]
+    assert outs[0][3] == len(outs[0][1])
