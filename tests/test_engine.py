@@ -15,14 +15,7 @@ from helpers import save_hf_checkpoint
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy shared CPU each parallel op can wait a whole
-    time slice for its second thread (this file took 100 s instead of 10 s that way)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from glm47.engine.llm_engine import LLMEngine
 from glm47.engine.sampling import SamplingParams
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
