@@ -18,7 +18,7 @@ import torch
 from glm47.checkpoint.loader import load_model
 from glm47.engine.block_manager import BlockManager
 from glm47.engine.config import EngineConfig
-from glm47.engine.model_runner import ModelRunner, num_kv_blocks
+from glm47.engine.model_runner import ModelRunner, StepResult, num_kv_blocks
 from glm47.engine.sampling import SamplingParams, sample
 from glm47.engine.scheduler import ScheduledBatch, Scheduler
 from glm47.engine.sequence import Sequence
@@ -206,11 +206,11 @@ class LLMEngine:
             outputs.append(o)
             self._generation_tokens += taken
         if spec:
-            self._propose(result, batch)
+            self._propose(result)
         self._steps += 1
         return outputs
 
-    def _propose(self, result, batch: ScheduledBatch) -> None:
+    def _propose(self, result: StepResult) -> None:
         """MTP drafts for the next step: the MTP layer catches up on the positions this step settled (every
         computed token of a prefill chunk, a decode and its accepted drafts), then drafts for each sequence
         that got a token and goes on."""

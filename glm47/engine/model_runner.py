@@ -174,14 +174,16 @@ class ModelRunner:
         if not flat:
             return {}
 
-        def step(hidden: Tensor, tokens: list[int], pos: list[int], batch: ForwardBatch, rows: list[int]) -> Tensor:
-            with onednn(dev.type != "cpu" or len(tokens) > NATIVE_GEMM_MAX_TOKENS):
-                out = model.mtp_hidden(hidden[None], torch.tensor(tokens, device=dev)[None],
-                                       torch.tensor(pos, device=dev)[None], batch)[0]
-                return out.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev))
+        def rows(x: Tensor, index: list[int]) -> Tensor:
+            return x.index_select(0, torch.tensor(index, dtype=torch.long, device=dev))
 
-        out = step(result.hidden.index_select(0, torch.tensor(flat, dtype=torch.long, device=dev)), ids, positions,
-                   ForwardBatch.build(self.kv, tables, contexts, query_lens), heads)
+        def mtp(hidden: Tensor, tokens: list[int], pos: list[int], batch: ForwardBatch) -> Tensor:
+            with onednn(dev.type != "cpu" or len(tokens) > NATIVE_GEMM_MAX_TOKENS):
+                return model.mtp_hidden(hidden[None], torch.tensor(tokens, device=dev)[None],
+                                        torch.tensor(pos, device=dev)[None], batch)[0]
+
+        out = rows(mtp(rows(result.hidden, flat), ids, positions,
+                       ForwardBatch.build(self.kv, tables, contexts, query_lens)), heads)
         drafts: list[list[int]] = [[] for _ in drafting]
         live = list(range(len(drafting)))  # drafting sequences still going, one row of `out` each
         while live:
@@ -197,7 +199,6 @@ class ModelRunner:
             live = [live[r] for r in keep]
             seqs = [drafting[i] for i in live]
             pos = [len(s) - 2 + len(drafts[i]) for s, i in zip(seqs, live)]
-            out = step(out.index_select(0, torch.tensor(keep, dtype=torch.long, device=dev)), [drafts[i][-1] for i in live], pos,
-                       ForwardBatch.build(self.kv, [s.block_table for s in seqs], pos, [1] * len(seqs)),
-                       list(range(len(seqs))))
+            out = mtp(rows(out, keep), [drafts[i][-1] for i in live], pos,
+                      ForwardBatch.build(self.kv, [s.block_table for s in seqs], pos, [1] * len(seqs)))
         return {seq: d for seq, d in zip(drafting, drafts)}
