@@ -43,7 +43,8 @@ class Metrics:
                                                     "MTP draft tokens verified (speculative decoding).",
                                                     labels, registry=r).labels(model_name)
         self.spec_decode_num_accepted_tokens = Counter("glm47:spec_decode_num_accepted_tokens",
-                                                       "MTP draft tokens accepted.", labels, registry=r).labels(model_name)
+                                                       "MTP draft tokens accepted.",
+                                                       labels, registry=r).labels(model_name)
         self._success = Counter("glm47:request_success", "Finished requests, by finish reason.",
                                 labels + ["finished_reason"], registry=r)
         self._model_name = model_name
