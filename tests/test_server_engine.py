@@ -21,11 +21,14 @@ KV_TOKENS = 1024  # 64 blocks of 16: the 64 clients below need about twice that 
 CLIENTS, MAX_TOKENS = 64, 12
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=[0, 2], ids=["plain", "mtp-drafts"])
+def served(tmp_path_factory, request):
+    """Plain decoding, and with 2 MTP drafts a step (the random MTP layer's drafts are mostly rejected, but they
+    are made, verified, preempted and aborted with everything else)."""
     path = tmp_path_factory.mktemp("tiny-glm47")
     init_checkpoint(preset("tiny-glm47"), path, seed=0, std=0.5)
-    engine = LLMEngine.from_path(path, dtype=torch.float32, kv_cache_tokens=KV_TOKENS)
+    engine = LLMEngine.from_path(path, dtype=torch.float32, kv_cache_tokens=KV_TOKENS,
+                                 num_speculative_tokens=request.param)
     with running(create_app(engine, Tokenizer.from_dir(path), ServerConfig())) as url:
         yield url, engine
 
@@ -85,6 +88,8 @@ def test_64_concurrent_streams_all_complete_well_formed_and_free_every_block(ser
     assert wait_idle(url, 1.0) == (0.0, 0.0) and all_blocks_free(engine)
     tokens = metric(httpx.get(url + "/metrics").text, "glm47:generation_tokens_total") - tokens_before
     assert tokens == CLIENTS * MAX_TOKENS  # every token sent once, none lost or repeated by preemption
+    assert engine.stats().num_preemptions > 0
+    assert engine.stats().spec_draft_tokens > 0 or not engine.config.num_speculative_tokens
 
 
 def test_speculative_decoding_behind_the_server_streams_the_same_reply_and_counts_its_drafts():
