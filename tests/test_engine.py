@@ -145,6 +145,7 @@ def test_abort_frees_every_block_whenever_it_happens(checkpoint):
     ([5] * 64, SamplingParams(max_tokens=None), "max_model_len=64"),
     ([5] * 20, SamplingParams(max_tokens=20), "KV cache pool of 32 tokens"),
     ([5], SamplingParams(n=2), "n=2"),
+    ([5], SamplingParams(logit_bias={512: -100}), r"logit_bias token id 512 is not in the vocabulary \[0, 512\)"),
 ])
 def test_a_request_that_can_never_run_is_refused_at_add_request(checkpoint, prompt, params, message):
     big_pool = message.startswith("max_model_len")
@@ -152,6 +153,14 @@ def test_a_request_that_can_never_run_is_refused_at_add_request(checkpoint, prom
     with pytest.raises(ValueError, match=message):
         eng.add_request(prompt, params)
     assert not eng.has_unfinished()
+
+
+def test_logit_bias_of_minus_100_keeps_a_token_out_of_the_greedy_reply(checkpoint):
+    p = prompts([9])[0]
+    plain = engine(checkpoint[2]).generate([p], GREEDY)[0].token_ids
+    banned = SamplingParams(temperature=0, max_tokens=12, logit_bias={plain[0]: -100, plain[3]: -100})
+    out = engine(checkpoint[2]).generate([p], banned)[0].token_ids
+    assert plain[0] not in out and plain[3] not in out and len(out) == 12
 
 
 def test_max_tokens_none_runs_to_the_context_limit_and_duplicate_ids_are_refused(checkpoint):

@@ -102,6 +102,24 @@ def test_greedy_argmax_comes_after_penalties():
     assert out.token_ids == [1]  # token 0 falls to 1.0 < 1.5
 
 
+def test_logit_bias_is_added_after_penalties_for_greedy_and_sampled_rows_but_not_to_logprobs():
+    logits = torch.tensor([[2.0, 1.5, 0.0], [2.0, 1.5, 0.0]])
+    raw = logits.log_softmax(-1)[0]
+    greedy = SamplingParams(temperature=0, logit_bias={1: 0.6}, logprobs=0)
+    assert sample(logits, [greedy, SamplingParams(temperature=0)], [None] * 2, [[], []], [[], []]).token_ids == [1, 0]
+    # 2.0 / 2 (repetition) + 0.4 = 1.4 < 1.5: the penalty comes first, then the bias
+    p = SamplingParams(temperature=0, repetition_penalty=2.0, logit_bias={0: 0.4})
+    assert sample(logits[:1], [p], [None], [[0]], [[]]).token_ids == [1]
+    out = sample(logits[:1], [greedy], [None], [[]], [[]])
+    assert out.logprobs[0] == pytest.approx(raw[1].item())  # the model's own logprob of the chosen token
+    # -100 all but bans the top token of a hot row, +100 all but forces a cold one
+    hot = [SamplingParams(temperature=1.0, logit_bias={0: -100.0}), SamplingParams(temperature=1.0, logit_bias={2: 100})]
+    for seed in range(50):
+        g = [torch.Generator().manual_seed(seed) for _ in range(2)]
+        assert sample(logits, hot, g, [[], []], [[], []]).token_ids[0] != 0
+        assert sample(logits, hot, g, [[], []], [[], []]).token_ids[1] == 2
+
+
 def test_top_k_one_always_takes_the_top_token_even_when_hot():
     logits = torch.tensor([[0.0, 0.1, 0.05]]).expand(64, 3)
     assert set(draw(logits, [SamplingParams(temperature=5.0, top_k=1)] * 64).token_ids) == {1}
@@ -226,7 +244,8 @@ def test_sampling_params_defaults_and_normalisation():
     ("min_tokens", -1), ("n", 0), ("n", 1.0), ("logprobs", -1), ("logprobs", 21), ("stop", [""]),
     ("stop", ["ok", 3]), ("stop", 3), ("stop_token_ids", [-1]), ("stop_token_ids", ["2"]), ("stop_token_ids", 2),
     ("seed", "42"), ("seed", 1.5), ("seed", 2**64), ("ignore_eos", "yes"), ("skip_special_tokens", None),
-    ("include_stop_str_in_output", 1),
+    ("include_stop_str_in_output", 1), ("logit_bias", [1, 2]), ("logit_bias", {"1": 5}), ("logit_bias", {1: 101}),
+    ("logit_bias", {-1: 5}), ("logit_bias", {1: float("nan")}),
 ])
 def test_bad_sampling_param_raises_value_error_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -46,7 +46,10 @@ def test_sampling_defaults_are_glm47s_recommendation_and_fields_are_checked():
     assert (e.status, e.param) == (400, "max_tokens") and "-1" in e.message
     e = api_error(sampling_params, chat_request(max_completion_tokens=-1), -1, None, "max_completion_tokens")
     assert (e.param, e.message) == ("max_completion_tokens", "max_completion_tokens must be >= 1, got -1")
-    assert api_error(sampling_params, chat_request(logit_bias={"1": 5}), 4, None).param == "logit_bias"
+    assert sampling_params(chat_request(logit_bias={"1": 5, "30": -100}), 4, None).logit_bias == {1: 5.0, 30: -100.0}
+    for bad, words in [({"x": 5}, "token ids"), ({"1": 101}, "[-100, 100]"), ({"-2": 1}, "[-100, 100]")]:
+        e = api_error(sampling_params, chat_request(logit_bias=bad), 4, None)
+        assert (e.status, e.param) == (400, "logit_bias") and words in e.message, e.message
 
 
 @pytest.mark.parametrize("fields, expected", [

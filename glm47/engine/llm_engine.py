@@ -120,6 +120,9 @@ class LLMEngine:
                     or not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad!r} is not in the vocabulary [0, {self.vocab_size})")
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is not in the vocabulary "
+                             f"[0, {self.vocab_size})")
         if params.n != 1:
             raise ValueError(f"n={params.n}: the engine runs one sequence per request; add n requests instead")
         limit = min(self.max_model_len, self.pool_tokens)

@@ -42,6 +42,9 @@ class SamplingParams:
     n: int = 1
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # OpenAI's logit_bias: token id -> a bias in [-100, 100] added to its logit before sampling (greedy too);
+    # -100 all but bans a token, +100 all but forces it.
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         for name, (kind, rule, ok) in _RULES.items():
@@ -60,6 +63,14 @@ class SamplingParams:
             self.stop = _list("stop", self.stop)
             if not all(isinstance(s, str) and s for s in self.stop):
                 raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a mapping of token ids to biases, got {self.logit_bias!r}")
+            bias = {_int("logit_bias token id", t): _real("logit_bias value", v) for t, v in self.logit_bias.items()}
+            bad = next(((t, v) for t, v in bias.items() if t < 0 or not -100 <= v <= 100), None)
+            if bad is not None:
+                raise ValueError(f"logit_bias must map token ids >= 0 to biases in [-100, 100], got {bad[0]}: {bad[1]}")
+            self.logit_bias = bias or None
         if self.stop_token_ids is not None:
             self.stop_token_ids = [_int("stop_token_ids", t) for t in _list("stop_token_ids", self.stop_token_ids)]
             if any(t < 0 for t in self.stop_token_ids):
@@ -202,6 +213,13 @@ def min_p_filter(logits: Tensor, min_p: Tensor) -> Tensor:
     return logits.masked_fill(logits < limit, -math.inf)
 
 
+def apply_logit_bias(logits: Tensor, rows: list[int], ids: list[int], values: list[float]) -> Tensor:
+    """logits[rows[j], ids[j]] += values[j], on a copy."""
+    dev = logits.device
+    return logits.index_put((torch.tensor(rows, device=dev), torch.tensor(ids, device=dev)),
+                            torch.tensor(values, dtype=logits.dtype, device=dev), accumulate=True)
+
+
 def mask_stop_tokens(logits: Tensor, rows: list[int], ids: list[list[int]]) -> Tensor:
     """Forbid ids[j] in row rows[j]; used while a sequence has fewer than min_tokens outputs."""
     r = [row for row, row_ids in zip(rows, ids, strict=True) for _ in row_ids]
@@ -239,8 +257,8 @@ def argmax_rows(x: Tensor, chunk: int = 1024) -> Tensor:
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            prompt_ids: list[list[int]], output_ids: list[list[int]], stop_ids: list[list[int]] | None = None,
            default_generator: torch.Generator | None = None) -> SampleOutput:
-    """One token per row of logits (N, V). Order: min_tokens mask, penalties, then greedy argmax, or temperature,
-    top-k, top-p, min-p (HF's order) and the Gumbel-max draw (probs / Exp(1) noise, argmax).
+    """One token per row of logits (N, V). Order: min_tokens mask, penalties, logit_bias, then greedy argmax, or
+    temperature, top-k, top-p, min-p (HF's order) and the Gumbel-max draw (probs / Exp(1) noise, argmax).
 
     A row with its own generator draws its noise from it alone, so a seeded request gets the same tokens whatever
     else is in the batch; rows without one share default_generator (None = torch's global RNG). Generators must
@@ -268,6 +286,11 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
         logits = apply_penalties(logits, token_counts(prompt, vocab, dev), token_counts(output, vocab, dev),
                                  _column(params, "repetition_penalty", dev), _column(params, "presence_penalty", dev),
                                  _column(params, "frequency_penalty", dev))
+
+    biased = [(i, t, v) for i, p in enumerate(params) if p.logit_bias for t, v in p.logit_bias.items()]
+    if biased:
+        rows, cols, values = zip(*biased)
+        logits = apply_logit_bias(logits, list(rows), list(cols), list(values))
 
     token_ids = argmax_rows(logits)
     states: list[Tensor | None] = [None] * n

@@ -141,8 +141,12 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
                     max_tokens_field: str = "max_tokens") -> SamplingParams:
     """One sample's SamplingParams (n is the caller's: n samples with seeds seed, seed+1, ...).
     max_tokens_field: the request field max_tokens came from, which an error about it names."""
+    bias = None
     if req.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias")
+        try:  # JSON object keys are strings: "1234": -100
+            bias = {int(k): v for k, v in req.logit_bias.items()}
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {list(req.logit_bias)!r}", "logit_bias") from None
     temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
     if req.do_sample is False:
         temperature = 0.0
@@ -152,7 +156,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
               seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
               stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
               skip_special_tokens=req.skip_special_tokens,
-              include_stop_str_in_output=req.include_stop_str_in_output)
+              include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=bias)
     try:
         return SamplingParams(**kw)
     except ValueError as e:  # SamplingParams names the field first: "max_tokens must be >= 1, got -1"
