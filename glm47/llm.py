@@ -40,6 +40,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    # with SamplingParams.prompt_logprobs: each prompt token's logprob (None for the first) and top alternatives
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
     # The first sample, for the common n = 1 case.
     @property
@@ -78,6 +81,8 @@ class StreamDelta:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[float | None] | None = None  # on a sample's first delta, when asked
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(slots=True)
@@ -134,6 +139,8 @@ class LLM:
             if d.logprobs is not None:
                 o.logprobs = (o.logprobs or []) + d.logprobs
                 o.top_logprobs = (o.top_logprobs or []) + d.top_logprobs
+            if d.prompt_logprobs is not None:
+                r.prompt_logprobs, r.prompt_top_logprobs = d.prompt_logprobs, d.prompt_top_logprobs
             if d.finish_reason:
                 o.finish_reason = d.finish_reason
         return results
@@ -228,7 +235,7 @@ class LLM:
                     n = step.num_tokens
                     yield StreamDelta(t.index, t.output_index, step.text, o.new_token_ids[:n], step.finish_reason,
                                       o.logprobs and o.logprobs[:n], o.top_logprobs and o.top_logprobs[:n],
-                                      o.num_cached_tokens)
+                                      o.num_cached_tokens, o.prompt_logprobs, o.prompt_top_logprobs)
         finally:
             for rid in tracks:  # the caller stopped early, or an error: free the engine's blocks
                 engine.abort(rid)

@@ -219,3 +219,25 @@ def test_kv_pool_size_from_bytes_tokens_or_free_memory():
     assert num_kv_blocks(EngineConfig(max_num_seqs=2, block_size=16), 1000, dev, 4096) == 2 * 256
     with pytest.raises(ValueError, match="below one block"):
         num_kv_blocks(EngineConfig(kv_cache_bytes=10), 1000, dev, 4096)
+
+
+def test_prompt_logprobs_equal_transformers_through_chunks_cached_prefixes_and_preemption(checkpoint):
+    """Each prompt token's logprob under the reference's logits (the first token has none), its top-2, computed
+    across 16-token prefill chunks; a prompt whose blocks are cached is still scored in full (it takes no hits),
+    and a pool that forces recomputation scores no token twice."""
+    _, ref, model = checkpoint
+    ps = prompts([40, 23, 5])
+    params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=2)
+    for options in ({"max_num_batched_tokens": 16, "max_num_seqs": 3}, {"kv_cache_tokens": 64}):
+        eng = engine(model, **options)
+        eng.generate([ps[0]], GREEDY)  # its blocks are now in the prefix cache
+        outs = eng.generate(ps, params)
+        for p, out in zip(ps, outs):
+            with torch.no_grad():
+                lp = ref(torch.tensor([p])).logits[0].float().log_softmax(-1)
+            assert out.prompt_logprobs[0] is None and out.prompt_top_logprobs[0] == []
+            assert out.prompt_logprobs[1:] == pytest.approx([lp[i, p[i + 1]].item() for i in range(len(p) - 1)],
+                                                            abs=1e-4)
+            assert [[t for t, _ in top] for top in out.prompt_top_logprobs[1:]] == lp[:-1].topk(2).indices.tolist()
+        assert eng.stats().prefix_cache_hits == 0 or "kv_cache_tokens" in options
+    assert eng.stats().num_preemptions > 0

@@ -245,7 +245,7 @@ def test_sampling_params_defaults_and_normalisation():
     ("stop", ["ok", 3]), ("stop", 3), ("stop_token_ids", [-1]), ("stop_token_ids", ["2"]), ("stop_token_ids", 2),
     ("seed", "42"), ("seed", 1.5), ("seed", 2**64), ("ignore_eos", "yes"), ("skip_special_tokens", None),
     ("include_stop_str_in_output", 1), ("logit_bias", [1, 2]), ("logit_bias", {"1": 5}), ("logit_bias", {1: 101}),
-    ("logit_bias", {-1: 5}), ("logit_bias", {1: float("nan")}),
+    ("logit_bias", {-1: 5}), ("logit_bias", {1: float("nan")}), ("prompt_logprobs", 21), ("prompt_logprobs", True),
 ])
 def test_bad_sampling_param_raises_value_error_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):

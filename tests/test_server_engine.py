@@ -113,3 +113,33 @@ def test_speculative_decoding_behind_the_server_streams_the_same_reply_and_count
             accepted = metric(text, "glm47:spec_decode_num_accepted_tokens_total")
             assert (drafted > 10 and 0 < accepted <= drafted) if k else drafted == accepted == 0
     assert replies[0] == replies[1] and replies[0][0]
+
+
+def test_completions_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks():
+    """lm-eval's loglikelihood request (echo, logprobs=1, max_tokens=1, temperature 0) on the real engine: every
+    echoed prompt token but the first carries the model's logprob of it (the LLM API's prompt_logprobs), whole
+    and streamed alike, and a prompt whose prefix is cached is still scored in full."""
+    from glm47 import LLM
+    from glm47.assets import default_model_path
+    from glm47.engine.sampling import SamplingParams
+
+    path = default_model_path()
+    prompt = "The weather in Paris is sunny and the weather in Rome is rainy."
+    llm = LLM(path)
+    ids = llm.tokenizer.encode(prompt, allow_special=True)
+    want = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(temperature=0, max_tokens=1,
+                                                                             prompt_logprobs=1))[0]
+    body = {"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+    engine = LLMEngine.from_path(path, kv_cache_tokens=KV_TOKENS)
+    with running(create_app(engine, Tokenizer.from_dir(path), ServerConfig())) as url:
+        httpx.post(url + "/v1/completions", json={**body, "echo": False}, timeout=30)  # caches the prompt's blocks
+        whole = httpx.post(url + "/v1/completions", json=body, timeout=30).json()["choices"][0]
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            parts = [c["choices"][0] for c in chunks(list(r.iter_lines()))]
+    lp = whole["logprobs"]
+    assert whole["text"].startswith(prompt) and len(lp["tokens"]) == len(ids) + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:len(ids)] == pytest.approx(want.prompt_logprobs[1:], abs=1e-3)
+    assert all(len(t) == 1 for t in lp["top_logprobs"][1:])
+    streamed = [x for p in parts if p["logprobs"] for x in p["logprobs"]["token_logprobs"]]
+    assert streamed == lp["token_logprobs"] and "".join(p["text"] for p in parts) == whole["text"]

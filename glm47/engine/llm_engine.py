@@ -33,6 +33,10 @@ class StepOutput:
     logprobs: list[float] | None = None  # per new token, when the request asked for logprobs
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (id, logprob), best first
     num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied (OpenAI usage.cached_tokens)
+    # With params.prompt_logprobs, on the request's first output: per prompt token its logprob (None for the
+    # first) and its top alternatives ([] for the first)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(slots=True)
@@ -44,6 +48,8 @@ class RequestOutput:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(slots=True)
@@ -165,6 +171,9 @@ class LLMEngine:
         spec = self.config.num_speculative_tokens
         result = self.runner.run(batch.seqs, batch.num_tokens, return_hidden=bool(spec))
         self._count(batch)
+        for seq, lps, tops in result.prompt_logprobs:
+            seq.prompt_logprobs += lps
+            seq.prompt_top_logprobs += tops
         # One logits row per sampled sequence, or 1 + its drafts: row j is sampled as plain decoding would sample
         # that position (the drafts before it count as outputs for penalties and min_tokens), and draft j is
         # accepted when row j's token is the draft itself. So the tokens are exactly plain decoding's, greedy or
@@ -206,6 +215,9 @@ class LLMEngine:
             if seq.params.logprobs is not None:
                 o.logprobs = out.logprobs[row:row + taken]
                 o.top_logprobs = out.top_logprobs[row:row + taken]
+            if seq.params.prompt_logprobs is not None and before == seq.num_prompt_tokens:  # its first tokens
+                o.prompt_logprobs = [None] + seq.prompt_logprobs
+                o.prompt_top_logprobs = [[]] + seq.prompt_top_logprobs
             outputs.append(o)
             self._generation_tokens += taken
         if spec:
@@ -256,6 +268,8 @@ class LLMEngine:
                     continue
                 r.token_ids.extend(o.new_token_ids)
                 r.finish_reason, r.num_cached_tokens = o.finish_reason, o.num_cached_tokens
+                if o.prompt_logprobs is not None:
+                    r.prompt_logprobs, r.prompt_top_logprobs = o.prompt_logprobs, o.prompt_top_logprobs
                 if o.logprobs is not None:
                     if r.logprobs is None:
                         r.logprobs, r.top_logprobs = [], []

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from glm47.engine.config import EngineConfig
 from glm47.engine.paged_attention import ForwardBatch, KVPool
-from glm47.engine.sampling import argmax_rows
+from glm47.engine.sampling import argmax_rows, token_logprobs
 from glm47.engine.sequence import Sequence
 
 
@@ -80,6 +80,8 @@ class StepResult:
     hidden: Tensor | None  # (T, hidden_size) final-normed hidden states in flat order, when asked
     offsets: list[int]  # where each of seqs starts in the flat batch
     starts: list[int]  # its first position computed (num_computed_tokens before the step)
+    # (seq, logprobs, top logprobs) of the prompt tokens this step scored, for requests that ask
+    prompt_logprobs: list[tuple[Sequence, list[float], list[list[tuple[int, float]]]]]
 
 
 class ModelRunner:
@@ -137,6 +139,9 @@ class ModelRunner:
                     sampled.append(seq)
                     num_logits.append(1)
             positions.extend(range(start, start + n))
+        scored = [self._prompt_targets(seq, start, n, offset) for seq, n, start, offset in
+                  zip((s for s, _ in rows), (n for _, n in rows), starts, offsets) if seq.params.prompt_logprobs
+                  is not None]
         batch = ForwardBatch.build(self.kv, tables, contexts, query_lens)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)[None]  # (1, T)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
@@ -145,8 +150,31 @@ class ModelRunner:
         with onednn(self.device.type != "cpu" or len(ids) > NATIVE_GEMM_MAX_TOKENS):
             hidden = self.model.model(input_ids, pos, batch)[0]  # (T, hidden)
             logits = self.model.lm_head(hidden.index_select(0, index)).float()
+            prompt = [(seq, *self._score(hidden, flat, targets, seq.params.prompt_logprobs))
+                      for seq, flat, targets in scored if flat]
         return StepResult([s for s, _ in rows], [n for _, n in rows], sampled, num_logits, logits,
-                          hidden if return_hidden else None, offsets, starts)
+                          hidden if return_hidden else None, offsets, starts, prompt)
+
+    @staticmethod
+    def _prompt_targets(seq: Sequence, start: int, n: int, offset: int) -> tuple[Sequence, list[int], list[int]]:
+        """For a request that wants prompt logprobs: the flat rows of this chunk whose next token is a prompt token
+        not scored yet (position p's logits score token p+1), and those tokens."""
+        first = max(start, len(seq.prompt_logprobs))  # position 0 scores token 1
+        last = min(start + n, seq.num_prompt_tokens - 1)
+        return seq, [offset + p - start for p in range(first, last)], seq.token_ids[first + 1:last + 1]
+
+    def _score(self, hidden: Tensor, flat: list[int], targets: list[int], k: int, rows: int = 256
+               ) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """Log-probabilities of `targets` under the logits of hidden[flat], and the k best, `rows` logits rows at
+        a time (a 2,048-token chunk's full logits would be 1.2 GB in float32 at GLM-4.7's vocabulary)."""
+        chosen, best = [], []
+        for i in range(0, len(flat), rows):
+            index = torch.tensor(flat[i:i + rows], dtype=torch.long, device=self.device)
+            ids = torch.tensor(targets[i:i + rows], dtype=torch.long, device=self.device)
+            c, b = token_logprobs(self.model.lm_head(hidden.index_select(0, index)), ids, [k] * len(ids))
+            chosen += c
+            best += b
+        return chosen, best
 
     @torch.inference_mode()
     def draft(self, result: StepResult, valid: list[int], depth: int, grow) -> dict[Sequence, list[int]]:

@@ -39,6 +39,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; 0 = sampled token only; k = plus the k most likely tokens
+    # The same for the prompt: each prompt token's logprob given the tokens before it (the first has none), plus
+    # the k most likely there. Such a request computes its whole prompt (no prefix-cache hits).
+    prompt_logprobs: int | None = None
     n: int = 1
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -120,12 +123,13 @@ _RULES = {
     "max_tokens": (_int, ">= 1", lambda v: v >= 1),
     "min_tokens": (_int, ">= 0", lambda v: v >= 0),
     "logprobs": (_int, f"in [0, {MAX_LOGPROBS}]", lambda v: 0 <= v <= MAX_LOGPROBS),
+    "prompt_logprobs": (_int, f"in [0, {MAX_LOGPROBS}]", lambda v: 0 <= v <= MAX_LOGPROBS),
     "n": (_int, ">= 1", lambda v: v >= 1),
     "ignore_eos": (_bool, "true or false", lambda v: True),
     "include_stop_str_in_output": (_bool, "true or false", lambda v: True),
     "skip_special_tokens": (_bool, "true or false", lambda v: True),
 }
-_OPTIONAL = {"seed", "max_tokens", "logprobs"}  # None is a meaningful value for these
+_OPTIONAL = {"seed", "max_tokens", "logprobs", "prompt_logprobs"}  # None is a meaningful value for these
 
 
 # ---- pure filters: logits (N, V) float32 and one parameter per row (N,) -> new logits (N, V) ----
@@ -315,15 +319,20 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:
         idx = torch.tensor(want, device=dev)
-        lp = raw[idx].log_softmax(-1)
-        chosen = lp.gather(1, token_ids[idx][:, None]).squeeze(1).tolist()
-        k = min(max(params[i].logprobs for i in want), vocab)
-        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-        top_v, top_i = top_v.tolist(), top_i.tolist()
+        chosen, best = token_logprobs(raw[idx], token_ids[idx], [params[i].logprobs for i in want])
         for j, i in enumerate(want):
-            logprobs[i] = chosen[j]
-            top[i] = list(zip(top_i[j][: params[i].logprobs], top_v[j][: params[i].logprobs]))
+            logprobs[i], top[i] = chosen[j], best[j]
     return SampleOutput(token_ids.tolist(), logprobs, top, states)
+
+
+def token_logprobs(logits: Tensor, ids: Tensor, k: list[int]) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Per row of raw logits (N, V): the log-softmax of ids[row] and the k[row] most likely (id, logprob)."""
+    lp = logits.float().log_softmax(-1)
+    chosen = lp.gather(1, ids[:, None]).squeeze(1).tolist()
+    most = min(max(k), lp.shape[-1])
+    top_v, top_i = lp.topk(most, dim=-1) if most else (lp[:, :0], lp[:, :0].long())
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    return chosen, [list(zip(i[:n], v[:n])) for i, v, n in zip(top_i, top_v, k)]
 
 
 def _column(params: list[SamplingParams], name: str, device: torch.device, dtype=torch.float32) -> Tensor:

@@ -96,7 +96,8 @@ class Scheduler:
         # 2. waiting: first come first served; a preempted sequence re-enters at the front
         while self.waiting and budget and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = bm.match_prefix(seq)
+            # prompt logprobs need every prompt position's logits: no prefix-cache hits for such a request
+            hits = bm.match_prefix(seq) if seq.params.prompt_logprobs is None else []
             n = min(len(seq) - len(hits) * bm.block_size, budget)
             if not bm.allocate(seq, n, hits):
                 break

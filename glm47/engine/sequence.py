@@ -23,7 +23,8 @@ class SequenceStatus(Enum):
 class Sequence:
     __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "params", "max_tokens", "stop_token_ids",
                  "generator", "status", "finish_reason", "block_table", "block_hashes", "num_registered_blocks",
-                 "num_computed_tokens", "num_cached_tokens", "draft_token_ids")
+                 "num_computed_tokens", "num_cached_tokens", "draft_token_ids", "prompt_logprobs",
+                 "prompt_top_logprobs")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, max_tokens: int,
                  stop_token_ids: frozenset[int], generator: torch.Generator | None = None):
@@ -46,6 +47,9 @@ class Sequence:
         # Speculative decoding: tokens the MTP layer proposes after token_ids, not part of the sequence until
         # the main model accepts them. A step that schedules them computes positions len(self) onwards too.
         self.draft_token_ids: list[int] = []
+        # params.prompt_logprobs: prompt tokens 1.. scored so far (a recompute after preemption adds none twice)
+        self.prompt_logprobs: list[float] = []
+        self.prompt_top_logprobs: list[list[tuple[int, float]]] = []
 
     def __len__(self) -> int:
         return len(self.token_ids)

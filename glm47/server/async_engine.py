@@ -42,6 +42,8 @@ class Output:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     num_cached_tokens: int = 0
+    prompt_logprobs: list[float | None] | None = None  # on a sample's first output, when asked
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(slots=True)
@@ -252,4 +254,4 @@ class AsyncEngine:
             out.append((live.handle, Output(live.index, step.text, o.new_token_ids[:n], step.finish_reason,
                                             live.text.stop_string if step.done else None,
                                             o.logprobs and o.logprobs[:n], o.top_logprobs and o.top_logprobs[:n],
-                                            o.num_cached_tokens)))
+                                            o.num_cached_tokens, o.prompt_logprobs, o.prompt_top_logprobs)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -188,6 +189,8 @@ async def completions(request: Request):
     prompts = _prompt_ids(ctx.tokenizer, req.prompt)
     # OpenAI's default for completions is 16 tokens.
     params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
+    if req.echo and req.logprobs is not None:  # the echoed prompt gets logprobs too (lm-eval's loglikelihood)
+        params = replace(params, prompt_logprobs=req.logprobs)
     work = []
     for p in prompts:
         if error := context_error(len(p), params.max_tokens, ctx.limit, prompt_field="prompt"):
@@ -212,6 +215,13 @@ def _prompt_ids(tokenizer: Tokenizer, prompt) -> list[list[int]]:
     return [tokenizer.encode(p, allow_special=True) if isinstance(p, str) else list(p) for p in prompt]
 
 
+def joined(first: dict | None, second: dict | None) -> dict | None:
+    """Two legacy logprobs objects as one (the echoed prompt's, then the completion's)."""
+    if first is None or second is None:
+        return second
+    return {key: first[key] + second[key] for key in second}
+
+
 class CompletionReply:
     """len(prompts) * n choices; choice p * n + k is sample k of prompt p."""
 
@@ -224,12 +234,16 @@ class CompletionReply:
         self.logprobs = [[] for _ in range(n)]
         self.top = [[] for _ in range(n)]
         self.reasons: list[str | None] = [None] * n
+        self.prompt_logprobs: list[dict | None] = [None] * n  # the echoed prompt's part, once it came
 
     def _echo(self, index: int) -> str:
         return self.ctx.tokenizer.decode(self.prompts[index // self.req.n]) if self.req.echo else ""
 
     def _feed(self, out) -> None:
         i = out.index
+        if out.prompt_logprobs is not None:
+            ids = self.prompts[i // self.req.n]
+            self.prompt_logprobs[i] = self._logprobs(ids, out.prompt_logprobs, out.prompt_top_logprobs, 0)
         self.text[i] += out.text
         self.tokens[i] += out.token_ids
         if out.logprobs is not None:
@@ -242,7 +256,8 @@ class CompletionReply:
             if out is not None:
                 self._feed(out)
         choices = [{"index": i, "text": self._echo(i) + self.text[i], "finish_reason": self.reasons[i],
-                    "logprobs": self._logprobs(self.tokens[i], self.logprobs[i], self.top[i], len(self._echo(i)))}
+                    "logprobs": joined(self.prompt_logprobs[i], self._logprobs(self.tokens[i], self.logprobs[i],
+                                                                               self.top[i], len(self._echo(i))))}
                    for i in range(len(self.text))]
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
@@ -250,7 +265,9 @@ class CompletionReply:
     async def stream(self) -> AsyncIterator[str]:
         try:
             offsets = [len(self._echo(i)) for i in range(len(self.text))]
-            if self.req.echo:
+            # With logprobs, a choice's echo waits for its first output, which brings the prompt's logprobs.
+            waiting = set(range(len(self.text))) if self.req.echo and self.req.logprobs is not None else set()
+            if self.req.echo and not waiting:
                 for i in range(len(self.text)):
                     yield self._chunk(i, self._echo(i))
             async for out in outputs(self.handle, self.ctx.config.keepalive_seconds):
@@ -258,6 +275,9 @@ class CompletionReply:
                     yield KEEPALIVE
                     continue
                 self._feed(out)
+                if out.index in waiting:
+                    waiting.discard(out.index)
+                    yield self._chunk(out.index, self._echo(out.index), self.prompt_logprobs[out.index])
                 lp = self._logprobs(out.token_ids, out.logprobs or [], out.top_logprobs or [], offsets[out.index])
                 offsets[out.index] += len(out.text)
                 if out.text or out.finish_reason:
@@ -276,16 +296,18 @@ class CompletionReply:
                     "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                  "finish_reason": finish_reason}]})
 
-    def _logprobs(self, ids: list[int], logprobs: list[float], top, offset: int) -> dict | None:
-        """The legacy completions shape: parallel lists of tokens, their logprobs and top alternatives."""
+    def _logprobs(self, ids: list[int], logprobs: list[float | None], top, offset: int) -> dict | None:
+        """The legacy completions shape: parallel lists of tokens, their logprobs and top alternatives (None for
+        an echoed prompt's first token, which nothing predicts)."""
         if self.req.logprobs is None:
             return None
         tok = self.ctx.tokenizer
         strs = [tok.token_bytes(i).decode("utf-8", "replace") for i in ids]
         starts = [offset + sum(len(s) for s in strs[:k]) for k in range(len(strs))]
-        return {"tokens": strs, "token_logprobs": [max(lp, -9999.0) for lp in logprobs],
-                "top_logprobs": [{tok.token_bytes(j).decode("utf-8", "replace"): max(q, -9999.0) for j, q in t}
-                                 for t in top], "text_offset": starts}
+        return {"tokens": strs, "token_logprobs": [None if lp is None else max(lp, -9999.0) for lp in logprobs],
+                "top_logprobs": [None if lp is None else
+                                 {tok.token_bytes(j).decode("utf-8", "replace"): max(q, -9999.0) for j, q in t}
+                                 for lp, t in zip(logprobs, top)], "text_offset": starts}
 
     def usage(self) -> dict:
         prompt = sum(self.handle.num_prompt_tokens[::self.req.n])
