@@ -239,7 +239,7 @@ def test_prefill_attention_rejects_a_block_table_too_short():
 
 @pytest.mark.parametrize("T, H, Hkv, D, rot, norm", [(1, 16, 2, 128, 64, True), (16, 16, 2, 128, 64, True),
                                                      (7, 4, 2, 32, 16, True), (5, 4, 4, 64, 64, False),
-                                                     (300, 8, 1, 128, 128, True)])
+                                                     (300, 8, 1, 128, 128, True), (3, 4, 2, 96, 40, True)])
 def test_qk_norm_rope_equals_rmsnorm_then_apply_rope(T, H, Hkv, D, rot, norm):
     g = torch.Generator().manual_seed(T * 10 + D)
     qkv = (3 * torch.randn(2, T, (H + 2 * Hkv) * D, generator=g)).bfloat16()

@@ -59,24 +59,25 @@ std::vector<at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Te
 
 // ---- attention prologue: per-head RMSNorm of q and k, then partial NeoX RoPE
 
-inline float bf16_round_float(float v) {  // float -> nearest-even bf16 -> float, NaN kept (bit ops: vectorisable)
-  uint32_t b;
-  std::memcpy(&b, &v, 4);
-  if ((b & 0x7F800000u) == 0x7F800000u && (b & 0x007FFFFFu)) return v;
-  b = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
-  float r;
-  std::memcpy(&r, &b, 4);
-  return r;
+// bf16(bf16(x * c) + bf16(y * s)) for 16 values held as floats: one lane of RoPE as apply_rope rounds it.
+inline __m256i rope16(__m512 x, __m512 c, __m512 y, __m512 s) {
+  return round_bf16x16(_mm512_add_ps(bf16x16_to_float(round_bf16x16(_mm512_mul_ps(x, c))),
+                                     bf16x16_to_float(round_bf16x16(_mm512_mul_ps(y, s)))));
 }
 
-// Rotate-half RoPE in place on the first `rot` of a head's values (floats holding bf16 values), as apply_rope
-// rounds it: bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)).
-inline void rope_head(float* h, const float* cos, const float* sin, int64_t rot, float* tmp) {
+// Rotate-half RoPE of one head x (D bf16) into out, on its first `rot` values (the rest copied): out[i] =
+// bf16(bf16(x[i] * cos[i]) + bf16(rotate_half(x)[i] * sin[i])), rotate_half(x) = [-x[half:rot], x[:half]].
+inline void rope_head(const bf16* x, const bf16* cos, const bf16* sin, int64_t rot, int64_t D, bf16* out) {
   const int64_t half = rot / 2;
-  for (int64_t i = 0; i < half; ++i) tmp[i] = -h[i + half];
-  for (int64_t i = half; i < rot; ++i) tmp[i] = h[i - half];
-  for (int64_t i = 0; i < rot; ++i)
-    h[i] = bf16_round_float(bf16_round_float(h[i] * cos[i]) + bf16_round_float(tmp[i] * sin[i]));
+  const auto load = [](const bf16* p, __mmask16 k) { return bf16x16_to_float(_mm256_maskz_loadu_epi16(k, p)); };
+  for (int64_t i = 0; i < half; i += 16) {
+    const __mmask16 k = lanes16(half - i);
+    const __m512 a = load(x + i, k), b = load(x + half + i, k);
+    const __m512 neg_b = _mm512_sub_ps(_mm512_setzero_ps(), b);
+    _mm256_mask_storeu_epi16(out + i, k, rope16(a, load(cos + i, k), neg_b, load(sin + i, k)));
+    _mm256_mask_storeu_epi16(out + half + i, k, rope16(b, load(cos + half + i, k), a, load(sin + half + i, k)));
+  }
+  std::memcpy(out + rot, x + rot, (D - rot) * sizeof(bf16));
 }
 
 // qkv (T, >= (H + 2 Hkv) D) bf16, rows possibly strided: the fused projection's output. Returns q (T, H, D) and
@@ -102,25 +103,18 @@ std::vector<at::Tensor> qk_norm_rope(const at::Tensor& qkv, int64_t H, int64_t H
   at::Tensor q = at::empty({T, H, D}, qkv.options()), k = at::empty({T, Hkv, D}, qkv.options());
   const bf16 *src = qkv.data_ptr<bf16>(), *cp = cos.data_ptr<bf16>(), *sp = sin.data_ptr<bf16>();
   bf16 *qp = q.data_ptr<bf16>(), *kp = k.data_ptr<bf16>();
-  const int64_t ld = qkv.stride(0), chunk = std::max<int64_t>(1, 4096 / ((H + Hkv) * D));
+  const int64_t ld = qkv.stride(0), chunk = std::max<int64_t>(1, 16384 / ((H + Hkv) * D));  // rows per task
+  const bf16 *qwp = norm ? qw.data_ptr<bf16>() : nullptr, *kwp = norm ? kw.data_ptr<bf16>() : nullptr;
   run_tasks((T + chunk - 1) / chunk, [&](int64_t task) {
-    std::vector<float> h(D), tmp(D), c(rot), s(rot);
     std::vector<bf16> normed(D);
     for (int64_t t = task * chunk; t < std::min(T, (task + 1) * chunk); ++t) {
-      for (int64_t i = 0; i < rot; ++i) {
-        c[i] = to_float(cp[t * rot + i]);
-        s[i] = to_float(sp[t * rot + i]);
-      }
       for (int64_t j = 0; j < H + Hkv; ++j) {
         const bf16* x = src + t * ld + j * D;
         if (norm) {  // over the whole head, before RoPE
-          rms_norm_row(x, (j < H ? qw : kw).data_ptr<bf16>(), static_cast<float>(eps), D, normed.data());
+          rms_norm_row(x, j < H ? qwp : kwp, static_cast<float>(eps), D, normed.data());
           x = normed.data();
         }
-        for (int64_t i = 0; i < D; ++i) h[i] = to_float(x[i]);
-        rope_head(h.data(), c.data(), s.data(), rot, tmp.data());
-        bf16* dst = j < H ? qp + (t * H + j) * D : kp + (t * Hkv + j - H) * D;
-        for (int64_t i = 0; i < D; ++i) dst[i] = bf16(h[i]);  // exact: h holds bf16 values
+        rope_head(x, cp + t * rot, sp + t * rot, rot, D, j < H ? qp + (t * H + j) * D : kp + (t * Hkv + j - H) * D);
       }
     }
   });
