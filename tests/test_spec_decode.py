@@ -191,23 +191,6 @@ def test_sampled_tokens_with_drafts_equal_plain_decoding_for_the_same_seed_alone
     assert e.stats().spec_accepted_tokens > 0.3 * e.stats().spec_draft_tokens > 0
 
 
-def test_speculative_max_batch_drafts_only_while_the_batch_is_small_and_keeps_the_tokens(nano):
-    """Four requests of different lengths with drafting allowed for at most two running: no drafts while four
-    run, drafts once two are left, and the tokens are plain decoding's throughout (the MTP layer's KV cache was
-    kept filled while it did not draft)."""
-    ps = chat_prompts(4)
-    params = [greedy(n) for n in (8, 12, 40, 40)]
-    want = [o.token_ids for o in engine(nano, 0).generate(ps, params)]
-    e = engine(nano, 2, speculative_max_batch=2)
-    seen = spy_drafts(e)
-    assert [o.token_ids for o in e.generate(ps, params)] == want
-    outputs = [len(ids) - len(next(p for p in ps if ids[:len(p)] == p)) for ids, _ in seen]
-    assert outputs and min(outputs) >= 12  # only once the two short ones (8 and 12 tokens) ended
-    assert e.stats().spec_accepted_tokens > 0
-    with pytest.raises(ValueError, match="speculative_max_batch"):
-        EngineConfig(speculative_max_batch=0)
-
-
 def test_speculative_decoding_needs_an_mtp_layer(tmp_path):
     init_checkpoint(preset("tiny"), tmp_path, seed=0, dtype=torch.float32, mtp=False)
     model = glm47.load_model(tmp_path, dtype=torch.float32)

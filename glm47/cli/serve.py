@@ -32,8 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched at once")
     p.add_argument("--speculative-tokens", type=int, default=None, metavar="N", help=SPECULATIVE_HELP)
-    p.add_argument("--speculative-max-batch", type=int, default=None, metavar="B",
-                   help="draft only while at most B sequences run (default: always)")
     p.add_argument("--max-num-requests", type=int, default=1024,
                    help="requests queued or running before new ones get 503 + Retry-After")
     p.add_argument("--max-request-bytes", type=int, default=32 * 2**20, help="larger bodies get 413")
@@ -58,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = {k: v for k, v in (("kv_cache_tokens", args.kv_cache_tokens), ("max_model_len", args.max_model_len),
                                  ("max_num_seqs", args.max_num_seqs),
-                                 ("num_speculative_tokens", args.speculative_tokens),
-                                 ("speculative_max_batch", args.speculative_max_batch)) if v is not None}
+                                 ("num_speculative_tokens", args.speculative_tokens)) if v is not None}
     if "max_num_seqs" in options:  # keep EngineConfig's rule max_num_batched_tokens >= max_num_seqs
         options["max_num_batched_tokens"] = max(2048, options["max_num_seqs"])
     config = ServerConfig(served_model_names=args.served_model_name or [DEFAULT_MODEL_NAME], api_key=args.api_key,

@@ -28,10 +28,6 @@ class EngineConfig:
     # tokens; sampled: the same distribution). 1 is what vLLM and SGLang run GLM-4.x with; more chain the MTP
     # layer on its own output, which it was not trained for, so later drafts are accepted less often.
     num_speculative_tokens: int = 0
-    # Draft only while at most this many sequences run (None: always). A big batch is compute-bound, where the
-    # extra rows cost what the saved steps gain (vLLM had this as speculative_disable_by_batch_size). The MTP
-    # layer keeps its KV cache filled meanwhile, so drafting resumes at full quality when the batch shrinks.
-    speculative_max_batch: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -40,7 +36,7 @@ class EngineConfig:
         if (isinstance(self.num_speculative_tokens, bool) or not isinstance(self.num_speculative_tokens, int)
                 or not 0 <= self.num_speculative_tokens <= 8):
             raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens!r} must be an integer in [0, 8]")
-        for name in ("max_model_len", "kv_cache_tokens", "kv_cache_bytes", "speculative_max_batch"):
+        for name in ("max_model_len", "kv_cache_tokens", "kv_cache_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name}={value!r} must be a positive integer or None")

@@ -236,9 +236,7 @@ class LLMEngine:
         def grow(seq: Sequence, tokens: int) -> bool:
             return bm.allocate(seq, max(0, tokens - seq.num_computed_tokens))
 
-        limit = self.config.speculative_max_batch
-        depth = self.config.num_speculative_tokens if limit is None or len(self.scheduler.running) <= limit else 0
-        for seq, d in self.runner.draft(result, valid, depth, grow).items():
+        for seq, d in self.runner.draft(result, valid, self.config.num_speculative_tokens, grow).items():
             seq.draft_token_ids = d
 
     def _count(self, batch: ScheduledBatch) -> None:

@@ -181,9 +181,9 @@ class ModelRunner:
         """MTP drafting once a step's tokens are settled. For each of result.seqs with valid[i] > 0 the MTP layer
         runs over its first valid[i] computed positions p (main hidden at p and the token at p+1, all known now),
         which fills the MTP layer's KV cache there. A sequence whose last position is among them (it got a new
-        token) and has room drafts up to `depth` tokens (greedy; none at depth 0): the first from that position,
-        each further one by running the layer again on its own output one position on (that position's MTP K/V
-        is rewritten by the next step). grow(seq, tokens) must make the block table cover `tokens` tokens, or return False (then
+        token) and has room drafts up to `depth` tokens (greedy): the first from that position, each further one
+        by running the layer again on its own output one position on (that position's MTP K/V is rewritten by
+        the next step). grow(seq, tokens) must make the block table cover `tokens` tokens, or return False (then
         the sequence drafts no further). Returns {sequence: drafts}."""
         model, dev = self.model, self.device
         flat, ids, positions, tables, contexts, query_lens, heads, drafting = [], [], [], [], [], [], [], []
@@ -196,7 +196,7 @@ class ModelRunner:
             tables.append(seq.block_table)
             contexts.append(start)
             query_lens.append(n)
-            if start + n == len(seq) - 1 and seq.max_drafts > 0 and depth > 0:
+            if start + n == len(seq) - 1 and seq.max_drafts > 0:
                 heads.append(len(ids) - 1)
                 drafting.append(seq)
         if not flat:
