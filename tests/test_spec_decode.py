@@ -143,10 +143,11 @@ def test_max_tokens_is_exact_with_drafts(nano, n):
 
 def test_logprobs_come_one_per_token_and_match_plain_decoding(nano):
     p = chat_prompts(1)
-    a = engine(nano, 0).generate(p, greedy(20, logprobs=2))[0]
-    b = engine(nano, 2).generate(p, greedy(20, logprobs=2))[0]
+    a = engine(nano, 0).generate(p, greedy(20, logprobs=2, prompt_logprobs=1))[0]
+    b = engine(nano, 2).generate(p, greedy(20, logprobs=2, prompt_logprobs=1))[0]
     assert b.token_ids == a.token_ids and len(b.logprobs) == len(b.top_logprobs) == 20
     assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+    assert b.prompt_logprobs == a.prompt_logprobs and len(a.prompt_logprobs) == len(p[0])
     assert [[t for t, _ in row] for row in b.top_logprobs] == [[t for t, _ in row] for row in a.top_logprobs]
 
 
@@ -179,10 +180,12 @@ def test_abort_with_drafts_in_flight_frees_every_block(nano):
 def test_sampled_tokens_with_drafts_equal_plain_decoding_for_the_same_seed_alone_or_in_a_batch(nano):
     """A row is sampled exactly as plain decoding samples its position and a seeded generator is rewound past the
     rows not kept, so drafts change the speed only: the same seed gives the same tokens with or without them,
-    whatever else is in the batch (whose unseeded requests share torch's generator)."""
+    whatever else is in the batch (whose unseeded requests share torch's generator); penalties and logit_bias
+    included."""
     ps = chat_prompts(6)
     seeded = [SamplingParams(temperature=t, top_p=0.95, max_tokens=30, seed=7 + i, ignore_eos=True, min_tokens=3,
-                             presence_penalty=0.5) for i, t in enumerate([1.0, 0.7, 0.4])]
+                             presence_penalty=0.5, logit_bias={13: -5.0, 11: 2.0})
+              for i, t in enumerate([1.0, 0.7, 0.4])]
     others = [SamplingParams(temperature=0.8, max_tokens=25)] * 3
     want = [o.token_ids for o in engine(nano, 0).generate(ps[:3], seeded)]
     e = engine(nano, 2)
