@@ -232,10 +232,10 @@ class LLM:
                         engine.abort(o.request_id)
                     if step.done:
                         del tracks[o.request_id]
-                    n = step.num_tokens
-                    yield StreamDelta(t.index, t.output_index, step.text, o.new_token_ids[:n], step.finish_reason,
-                                      o.logprobs and o.logprobs[:n], o.top_logprobs and o.top_logprobs[:n],
-                                      o.num_cached_tokens, o.prompt_logprobs, o.prompt_top_logprobs)
+                    o = o.head(step.num_tokens)
+                    yield StreamDelta(t.index, t.output_index, step.text, o.new_token_ids, step.finish_reason,
+                                      o.logprobs, o.top_logprobs, o.num_cached_tokens, o.prompt_logprobs,
+                                      o.prompt_top_logprobs)
         finally:
             for rid in tracks:  # the caller stopped early, or an error: free the engine's blocks
                 engine.abort(rid)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,13 @@ class StepOutput:
     # first) and its top alternatives ([] for the first)
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+
+    def head(self, n: int) -> StepOutput:
+        """This output cut to its first n new tokens (a stop string ended the text at the n-th)."""
+        if n == len(self.new_token_ids):
+            return self
+        return replace(self, new_token_ids=self.new_token_ids[:n], logprobs=self.logprobs and self.logprobs[:n],
+                       top_logprobs=self.top_logprobs and self.top_logprobs[:n])
 
 
 @dataclass(slots=True)

@@ -114,7 +114,7 @@ class ModelRunner:
         last: list[int] = []  # flat index of each logits row
         sampled: list[Sequence] = []
         num_logits: list[int] = []
-        tables, contexts, query_lens, offsets, starts = [], [], [], [], []
+        tables, contexts, query_lens, offsets, starts, scored = [], [], [], [], [], []
         for seq, n in rows:
             start = seq.num_computed_tokens
             offsets.append(len(ids))
@@ -138,10 +138,9 @@ class ModelRunner:
                     last.append(len(ids) - 1)
                     sampled.append(seq)
                     num_logits.append(1)
+                if seq.params.prompt_logprobs is not None:
+                    scored.append(self._prompt_targets(seq, start, n, offsets[-1]))
             positions.extend(range(start, start + n))
-        scored = [self._prompt_targets(seq, start, n, offset) for seq, n, start, offset in
-                  zip((s for s, _ in rows), (n for _, n in rows), starts, offsets) if seq.params.prompt_logprobs
-                  is not None]
         batch = ForwardBatch.build(self.kv, tables, contexts, query_lens)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)[None]  # (1, T)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
@@ -202,7 +201,7 @@ class ModelRunner:
         if not flat:
             return {}
 
-        def rows(x: Tensor, index: list[int]) -> Tensor:
+        def select(x: Tensor, index: list[int]) -> Tensor:
             return x.index_select(0, torch.tensor(index, dtype=torch.long, device=dev))
 
         def mtp(hidden: Tensor, tokens: list[int], pos: list[int], batch: ForwardBatch) -> Tensor:
@@ -210,8 +209,8 @@ class ModelRunner:
                 return model.mtp_hidden(hidden[None], torch.tensor(tokens, device=dev)[None],
                                         torch.tensor(pos, device=dev)[None], batch)[0]
 
-        out = rows(mtp(rows(result.hidden, flat), ids, positions,
-                       ForwardBatch.build(self.kv, tables, contexts, query_lens)), heads)
+        out = select(mtp(select(result.hidden, flat), ids, positions,
+                         ForwardBatch.build(self.kv, tables, contexts, query_lens)), heads)
         drafts: list[list[int]] = [[] for _ in drafting]
         live = list(range(len(drafting)))  # drafting sequences still going, one row of `out` each
         while live:
@@ -227,6 +226,6 @@ class ModelRunner:
             live = [live[r] for r in keep]
             seqs = [drafting[i] for i in live]
             pos = [len(s) - 2 + len(drafts[i]) for s, i in zip(seqs, live)]
-            out = mtp(rows(out, keep), [drafts[i][-1] for i in live], pos,
+            out = mtp(select(out, keep), [drafts[i][-1] for i in live], pos,
                       ForwardBatch.build(self.kv, [s.block_table for s in seqs], pos, [1] * len(seqs)))
         return {seq: d for seq, d in zip(drafting, drafts)}

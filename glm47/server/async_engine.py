@@ -237,9 +237,9 @@ class AsyncEngine:
             if live is None:  # aborted or ended by a stop string already
                 continue
             step = live.text.feed(o.new_token_ids, o.finished, o.finish_reason)
-            n = step.num_tokens
+            o = o.head(step.num_tokens)
             if o.new_token_ids:
-                m.generation_tokens.inc(n)
+                m.generation_tokens.inc(len(o.new_token_ids))
                 if live.last is None:
                     m.time_to_first_token.observe(now - live.arrival)
                 else:
@@ -251,7 +251,7 @@ class AsyncEngine:
                 del self._live[o.request_id]
                 m.e2e_request_latency.observe(now - live.arrival)
                 m.request_finished(step.finish_reason)
-            out.append((live.handle, Output(live.index, step.text, o.new_token_ids[:n], step.finish_reason,
-                                            live.text.stop_string if step.done else None,
-                                            o.logprobs and o.logprobs[:n], o.top_logprobs and o.top_logprobs[:n],
-                                            o.num_cached_tokens, o.prompt_logprobs, o.prompt_top_logprobs)))
+            out.append((live.handle, Output(live.index, step.text, o.new_token_ids, step.finish_reason,
+                                            live.text.stop_string if step.done else None, o.logprobs,
+                                            o.top_logprobs, o.num_cached_tokens, o.prompt_logprobs,
+                                            o.prompt_top_logprobs)))
