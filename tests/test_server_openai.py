@@ -213,7 +213,7 @@ def test_models_health_and_metrics(server, client):
      "max_completion_tokens can be at most"),
     ({"messages": user("x " * 5000), "max_tokens": 5}, 400, "messages", "in the messages, 5 in the completion"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0]", "unknown role"),
-    ({"messages": "hello"}, 400, "messages", "valid list"),
+    ({"messages": "hello"}, 400, "messages", "valid array"),
     ({"messages": user("x"), "tool_choice": "required", "tools": TOOLS}, 400, "tool_choice", "not supported"),
     ({"model": "gpt-5", "messages": user("x")}, 404, "model", "does not exist"),
 ])

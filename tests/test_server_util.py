@@ -12,6 +12,8 @@ import time
 import httpx
 import uvicorn
 
+from glm47.server.app import uvicorn_config
+
 # What the scripted engine answers, by the marker found in the prompt. Written as GLM-4.7 writes: the prompt
 # ends in <think>, so a reply starts inside the reasoning.
 SCRIPTS = {
@@ -55,7 +57,7 @@ def free_port() -> int:
 def running(app):
     """Serves `app` on a free loopback port (a real socket) for the duration; yields the base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

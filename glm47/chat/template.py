@@ -108,6 +108,14 @@ class _Encoder(Protocol):
     def token_to_id(self, token: str) -> int | None: ...
 
 
+class PromptTooLong(ValueError):
+    """The prompt surely has more than `num_tokens` tokens (found before encoding it)."""
+
+    def __init__(self, num_tokens: int):
+        super().__init__(f"the prompt has more than {num_tokens} tokens")
+        self.num_tokens = num_tokens
+
+
 def render_ids(
     tokenizer: _Encoder,
     messages: Sequence[Mapping[str, Any]],
@@ -117,6 +125,7 @@ def render_ids(
     clear_thinking: bool = True,
     add_generation_prompt: bool = True,
     return_assistant_mask: bool = False,
+    max_tokens: int | None = None,
 ) -> list[int] | tuple[list[int], list[bool]]:
     """The prompt as token ids; with `return_assistant_mask`, also a per-token mask of what the model writes.
 
@@ -124,10 +133,15 @@ def render_ids(
     even if it spells "<|user|>". The mask covers each assistant message after its `<|assistant|>` (reasoning,
     content, tool calls) and the `<|user|>`/`<|observation|>` that ends it; the generation prompt is unmasked.
     A final assistant message has no closing marker in the prompt: append one (e.g. `<|user|>`, a stop id)
-    when training should teach the model to stop there.
+    when training should teach the model to stop there. With `max_tokens`, a prompt whose text has more
+    characters than max_tokens tokens can hold raises PromptTooLong before anything is encoded.
     """
     segments = render_segments(messages, tools, enable_thinking=enable_thinking, clear_thinking=clear_thinking,
                                add_generation_prompt=add_generation_prompt)
+    if max_tokens is not None:  # PromptTooLong, before encoding, when the text alone cannot fit (a server's check)
+        least = sum(len(s.text) for s in segments if not s.is_marker) // tokenizer.max_token_bytes
+        if least > max_tokens:
+            raise PromptTooLong(least)
     ids: list[int] = []
     mask: list[bool] = []
     # Consecutive text pieces are encoded together: BPE merges across their joins, exactly as it does when

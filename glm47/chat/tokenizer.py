@@ -80,6 +80,8 @@ NOTHINK = 151360
 # Generation ends on these (generation_config.json): end of text, or the model handing the turn to the user
 # or to a tool.
 EOS_TOKEN_IDS = (ENDOFTEXT, USER, OBSERVATION)
+# Texts from this many characters on are encoded by encode_batch_fast, which releases the GIL.
+LONG_TEXT = 1 << 14
 
 
 class Tokenizer:
@@ -139,9 +141,18 @@ class Tokenizer:
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of `text`. Added-token strings ("<|user|>", "<think>", …) stay plain text unless
-        `allow_special`, which turns each of them into its single id."""
+        `allow_special`, which turns each of them into its single id. A long text is encoded with the GIL
+        released (`encode` holds it: 12 MB of text would stop every other thread for ~12 s)."""
         encoder = self._hf if allow_special else self._plain
-        return encoder.encode(text, add_special_tokens=False).ids
+        if len(text) < LONG_TEXT:
+            return encoder.encode(text, add_special_tokens=False).ids
+        return encoder.encode_batch_fast([text], add_special_tokens=False)[0].ids
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for: a text of n characters has at least n / this many tokens,
+        which bounds a prompt's length before it is encoded."""
+        return max(len(self.token_bytes(i)) for i in range(self.vocab_size))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD. Ids outside the vocabulary (the

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over OpenAI- and Anthropic-compatible HTTP APIs",
                        description="Serves /v1/chat/completions, /v1/completions, /v1/messages (Claude Code), "
                                    "/v1/messages/count_tokens, /v1/models, /tokenize, /detokenize, /health and "
-                                   "/metrics. SIGTERM lets in-flight requests finish, then exits.")
+                                   "/metrics. SIGTERM lets in-flight requests finish, then exits 0; an engine failure "
+                                   "stops it the same way with exit status 1, for a supervisor to restart it.")
     p.add_argument("--model", help="checkpoint directory (default: the embedded nano GLM-4.7, glm47/assets)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -66,6 +67,5 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_dir(model)
     print(f"glm47 serve: {model} as {', '.join(config.served_model_names)} on http://{args.host}:{args.port} "
           f"({device}, context {engine.max_model_len}, KV pool {engine.pool_tokens} tokens)", file=sys.stderr)
-    serve(engine, tokenizer, config, host=args.host, port=args.port, log_level=args.log_level,
-          drain_timeout=args.drain_timeout)
-    return 0
+    return serve(engine, tokenizer, config, host=args.host, port=args.port, log_level=args.log_level,
+                 drain_timeout=args.drain_timeout)

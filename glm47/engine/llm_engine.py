@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,17 +20,20 @@ from glm47.checkpoint.loader import load_model
 from glm47.engine.block_manager import BlockManager
 from glm47.engine.config import EngineConfig
 from glm47.engine.model_runner import ModelRunner, StepResult, num_kv_blocks
-from glm47.engine.sampling import SamplingParams, sample
+from glm47.engine.sampling import SampleOutput, SamplingParams, sample
 from glm47.engine.scheduler import ScheduledBatch, Scheduler
 from glm47.engine.sequence import Sequence
 
+log = logging.getLogger("glm47.engine")
 
 @dataclass(slots=True)
 class StepOutput:
     request_id: str
     new_token_ids: list[int]
     finished: bool
-    finish_reason: str | None = None  # 'stop' | 'length' | 'abort' once finished
+    # 'stop' | 'length' | 'abort' once finished; 'error' when stepping this request raised (`error` says what):
+    # the request ends, the others go on
+    finish_reason: str | None = None
     logprobs: list[float] | None = None  # per new token, when the request asked for logprobs
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (id, logprob), best first
     num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied (OpenAI usage.cached_tokens)
@@ -37,6 +41,7 @@ class StepOutput:
     # first) and its top alternatives ([] for the first)
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    error: str | None = None
 
     def head(self, n: int) -> StepOutput:
         """This output cut to its first n new tokens (a stop string ended the text at the n-th)."""
@@ -133,9 +138,9 @@ class LLMEngine:
                     or not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad!r} is not in the vocabulary [0, {self.vocab_size})")
-        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
-            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is not in the vocabulary "
-                             f"[0, {self.vocab_size})")
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            if ids and max(ids) >= self.vocab_size:
+                raise ValueError(f"{name} token id {max(ids)} is not in the vocabulary [0, {self.vocab_size})")
         if params.n != 1:
             raise ValueError(f"n={params.n}: the engine runs one sequence per request; add n requests instead")
         limit = min(self.max_model_len, self.pool_tokens)
@@ -144,6 +149,9 @@ class LLMEngine:
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(prompt)
         if len(prompt) + max(max_tokens, 1) > limit:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} exceeds {what}")
+        if params.min_tokens > max_tokens:
+            raise ValueError(f"min_tokens={params.min_tokens} is more than the {max_tokens} tokens this request "
+                             f"can generate")
         stop = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         generator = None
         if params.seed is not None:
@@ -194,12 +202,15 @@ class LLMEngine:
                 prompts.append(seq.prompt_token_ids)
                 outs.append(seq.output_token_ids + seq.draft_token_ids[:j])
                 stops.append(list(seq.stop_token_ids))
-        out = None
+        out, failed = None, {}
         if params:
-            out = sample(result.logits, params, gens, prompts, outs, stop_ids=stops)
+            out, failed = self._sample(result, params, gens, prompts, outs, stops)
         new_tokens: list[tuple[Sequence, list[int], int]] = []  # (seq, tokens, first logits row)
         row = 0
         for seq, r in zip(result.sampled, result.num_logits):
+            if seq in failed:
+                row += r
+                continue
             tokens = []
             for j in range(r):  # accepted drafts, then the first token that differs (or the one after them all)
                 tokens.append(out.token_ids[row + j])
@@ -215,6 +226,11 @@ class LLMEngine:
         finished = self.scheduler.update(batch, [(seq, tokens) for seq, tokens, _ in new_tokens])
         for seq in finished:
             del self._requests[seq.request_id]
+        for seq, error in failed.items():
+            self.scheduler.finish(seq, "error")
+            del self._requests[seq.request_id]
+            outputs.append(StepOutput(seq.request_id, [], True, "error", num_cached_tokens=seq.num_cached_tokens,
+                                      error=error))
         for (seq, tokens, row), before in zip(new_tokens, lengths):
             taken = len(seq) - before  # fewer than tokens when it finished on an accepted draft
             o = StepOutput(seq.request_id, tokens[:taken], seq.is_finished, seq.finish_reason,
@@ -231,6 +247,31 @@ class LLMEngine:
             self._propose(result)
         self._steps += 1
         return outputs
+
+    def _sample(self, result: StepResult, params, gens, prompts, outs, stops
+                ) -> tuple[SampleOutput, dict[Sequence, str]]:
+        """sample() over all rows at once. Should that raise, each sequence's rows are sampled again on their
+        own (generators rewound first), so a request that makes sampling fail fails alone: it is returned with
+        its error, its rows hold no tokens, and every other request gets exactly the tokens it would have."""
+        seeded = {id(g): (g, g.get_state()) for g in gens if g is not None}
+        try:
+            return sample(result.logits, params, gens, prompts, outs, stop_ids=stops), {}
+        except Exception:
+            log.exception("sampling a batch of %d rows failed; sampling each request on its own", len(params))
+        for g, state in seeded.values():
+            g.set_state(state)
+        parts, failed, row = [], {}, 0
+        for seq, r in zip(result.sampled, result.num_logits):
+            rows = slice(row, row + r)
+            try:
+                parts.append(sample(result.logits[rows], params[rows], gens[rows], prompts[rows], outs[rows],
+                                    stop_ids=stops[rows]))
+            except Exception as e:
+                failed[seq] = f"sampling failed: {type(e).__name__}: {e}"
+                parts.append(SampleOutput([0] * r, [None] * r, [[] for _ in range(r)], [None] * r))
+            row += r
+        merged = SampleOutput(*([x for p in parts for x in getattr(p, f)] for f in SampleOutput.__slots__))
+        return merged, failed
 
     def _propose(self, result: StepResult) -> None:
         """MTP drafts for the next step: the MTP layer catches up on the positions this step settled (every

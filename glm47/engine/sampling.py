@@ -15,6 +15,13 @@ from torch import Tensor
 # Temperatures below this count as greedy, as in vLLM: dividing by ~0 overflows logits to inf and softmax to NaN.
 GREEDY_BELOW = 1e-5
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+# Bounds on the lists a request brings: the engine and the stop-string matcher do work per item every step, so
+# one request with 100,000 stop strings would slow every other (OpenAI allows 4 stop strings and 300 biases).
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024
+MAX_N = 128
 # float32 cumsum drifts by ~1e-7, so a set whose mass is exactly top_p could look just short of it.
 _TOP_P_SLACK = 1e-6
 
@@ -56,28 +63,33 @@ class SamplingParams:
                 continue
             value = kind(name, value)
             if not ok(value):
-                raise ValueError(f"{name} must be {rule}, got {value!r}")
+                raise ValueError(f"{name} must be {rule}, got {_short(value)}")
             setattr(self, name, value)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
-            self.stop = _list("stop", self.stop)
+            self.stop = _list("stop", self.stop, MAX_STOP_STRINGS)
             if not all(isinstance(s, str) and s for s in self.stop):
-                raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+                raise ValueError(f"stop must be a list of non-empty strings, got {_short(self.stop)}")
+            if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+                raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters long")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
-                raise ValueError(f"logit_bias must be a mapping of token ids to biases, got {self.logit_bias!r}")
+                raise ValueError(f"logit_bias must be a mapping of token ids to biases, got {_short(self.logit_bias)}")
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias must have at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
             bias = {_int("logit_bias token id", t): _real("logit_bias value", v) for t, v in self.logit_bias.items()}
             bad = next(((t, v) for t, v in bias.items() if t < 0 or not -100 <= v <= 100), None)
             if bad is not None:
                 raise ValueError(f"logit_bias must map token ids >= 0 to biases in [-100, 100], got {bad[0]}: {bad[1]}")
             self.logit_bias = bias or None
         if self.stop_token_ids is not None:
-            self.stop_token_ids = [_int("stop_token_ids", t) for t in _list("stop_token_ids", self.stop_token_ids)]
+            ids = _list("stop_token_ids", self.stop_token_ids, MAX_STOP_TOKEN_IDS)
+            self.stop_token_ids = [_int("stop_token_ids", t) for t in ids]
             if any(t < 0 for t in self.stop_token_ids):
-                raise ValueError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
+                raise ValueError(f"stop_token_ids must be token ids >= 0, got {_short(self.stop_token_ids)}")
 
     @property
     def greedy(self) -> bool:
@@ -86,21 +98,35 @@ class SamplingParams:
 
 def _real(name: str, value) -> float:
     # bool is an int subclass; temperature=True is a client bug, not 1.0
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a finite number, got {_short(value)}")
+    try:
+        value = float(value)  # an integer of 400 digits overflows
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {_short(value)}")
+    return value
 
 
 def _int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {_short(value)}")
     return int(value)
 
 
-def _list(name: str, value) -> list:
+def _list(name: str, value, max_len: int) -> list:
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{name} must be a list, got {value!r}")
+        raise ValueError(f"{name} must be a list, got {_short(value)}")
+    if len(value) > max_len:
+        raise ValueError(f"{name} must have at most {max_len} items, got {len(value)}")
     return list(value)
+
+
+def _short(value, limit: int = 200) -> str:
+    """repr() cut to `limit` characters: an error message must not echo a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _bool(name: str, value) -> bool:
@@ -113,7 +139,8 @@ def _bool(name: str, value) -> bool:
 _RULES = {
     "temperature": (_real, ">= 0", lambda v: v >= 0),
     "top_p": (_real, "in (0, 1]", lambda v: 0 < v <= 1),
-    "top_k": (_int, ">= -1 (0 or -1 = off)", lambda v: v >= -1),
+    # the engine also checks top_k against its vocabulary; this keeps it within a tensor's int64
+    "top_k": (_int, "in [-1, 2**31) (0 or -1 = off)", lambda v: -1 <= v < 2**31),
     "min_p": (_real, "in [0, 1]", lambda v: 0 <= v <= 1),
     "repetition_penalty": (_real, "> 0", lambda v: v > 0),
     "presence_penalty": (_real, "in [-2, 2]", lambda v: -2 <= v <= 2),
@@ -124,7 +151,7 @@ _RULES = {
     "min_tokens": (_int, ">= 0", lambda v: v >= 0),
     "logprobs": (_int, f"in [0, {MAX_LOGPROBS}]", lambda v: 0 <= v <= MAX_LOGPROBS),
     "prompt_logprobs": (_int, f"in [0, {MAX_LOGPROBS}]", lambda v: 0 <= v <= MAX_LOGPROBS),
-    "n": (_int, ">= 1", lambda v: v >= 1),
+    "n": (_int, f"in [1, {MAX_N}]", lambda v: 1 <= v <= MAX_N),
     "ignore_eos": (_bool, "true or false", lambda v: True),
     "include_stop_str_in_output": (_bool, "true or false", lambda v: True),
     "skip_special_tokens": (_bool, "true or false", lambda v: True),

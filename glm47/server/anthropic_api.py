@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from glm47.parsers import Delta
 from glm47.server.anthropic_protocol import (CountTokensRequest, MessagesRequest, context_error,
                                              sampling_params, to_chat)
-from glm47.server.async_engine import EngineDead, RequestHandle
+from glm47.server.async_engine import GenerationError, RequestHandle
 from glm47.server.context import ServerContext, new_id
 from glm47.server.protocol import parse_body
 from glm47.server.streaming import ChoiceState, abort_on_disconnect, outputs, sse, sse_response
@@ -106,7 +106,7 @@ class MessageReply:
             yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                        "usage": self.usage()}, "message_delta")
             yield sse({"type": "message_stop"}, "message_stop")
-        except EngineDead as e:  # the SDK raises on an `error` event
+        except GenerationError as e:  # the SDK raises on an `error` event
             yield sse({"type": "error", "error": {"type": "api_error", "message": str(e)}}, "error")
         finally:
             self.handle.abort()  # client gone (Starlette cancels us) or error: free the KV blocks

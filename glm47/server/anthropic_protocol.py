@@ -10,7 +10,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from glm47.engine.sampling import SamplingParams
-from glm47.server.protocol import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ApiError, Body, bad_request
+from glm47.server.protocol import (DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_MESSAGES, MAX_TOOLS, ApiError, Body,
+                                   bad_request)
 
 # Claude Code prepends a system block whose hash changes every request; it would defeat the prefix cache.
 BILLING_HEADER = "x-anthropic-billing-header"
@@ -23,9 +24,9 @@ class Thinking(Body):
 
 class CountTokensRequest(Body):
     model: str
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
     system: str | list[dict[str, Any]] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: dict[str, Any] | None = None
     thinking: Thinking | None = None
 

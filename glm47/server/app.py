@@ -1,25 +1,33 @@
 """The FastAPI app: create_app(engine, tokenizer, config) wires the OpenAI and Anthropic routers, API-key
-auth, the request-size limit, /health and /metrics, and one error format per API (an Anthropic path gets
-Anthropic's error body, everything else OpenAI's). No traceback ever reaches a client. serve() runs it
-with uvicorn; on SIGTERM uvicorn stops accepting, lets in-flight requests finish, then the engine stops."""
+auth, the request guards (glm47/server/http.py: body size and deadline, JSON-only and Host checks without a
+key), /health, /metrics and /openapi.json, and one error format per API (an Anthropic path gets Anthropic's
+error body, everything else OpenAI's). No traceback ever reaches a client. serve() runs it with uvicorn (a
+header deadline and a connection cap on top of uvicorn's h11); on SIGTERM uvicorn stops accepting, lets
+in-flight requests finish, then the engine stops. An engine that fails stops the server: serve() returns 1,
+for a supervisor to restart it."""
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import ipaddress
 import logging
 import signal
 import threading
+from dataclasses import replace
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from glm47.chat import Tokenizer
+from glm47.chat import PromptTooLong, Tokenizer
 from glm47.server import anthropic_api, openai_api
+from glm47.server.async_engine import GenerationError
 from glm47.server.context import ServerConfig, ServerContext
+from glm47.server.http import LOOPBACK_HOSTS, Guard, guarded_h11, raise_open_files_limit
 from glm47.server.protocol import ApiError
 
 log = logging.getLogger("glm47.server")
@@ -27,8 +35,9 @@ log = logging.getLogger("glm47.server")
 # Error `type` per status: Anthropic's names (its SDK maps them back to exception classes); OpenAI's SDK
 # only reads the status, so the same names serve both bodies.
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
-               429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+               404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+               413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error", 500: "api_error",
+               503: "overloaded_error", 529: "overloaded_error"}
 
 
 def is_anthropic(path: str) -> bool:
@@ -36,12 +45,15 @@ def is_anthropic(path: str) -> bool:
 
 
 def error_response(path: str, e: ApiError) -> JSONResponse:
-    kind = e.kind or ERROR_TYPES.get(e.status, "api_error")
+    status = e.status
+    if is_anthropic(path) and e.code == "overloaded":
+        status = 529  # Anthropic's "overloaded", which its SDK and Claude Code retry after Retry-After
+    kind = e.kind or ERROR_TYPES.get(status, "api_error")
     if is_anthropic(path):
         body = {"type": "error", "error": {"type": kind, "message": e.message}}
     else:
         body = {"error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}}
-    return JSONResponse(body, status_code=e.status, headers=e.headers)
+    return JSONResponse(body, status_code=status, headers=e.headers)
 
 
 async def require_api_key(request: Request) -> None:
@@ -58,33 +70,6 @@ async def require_api_key(request: Request) -> None:
                        code="invalid_api_key")
 
 
-class BodyLimit:
-    """413 for a body over max_bytes: at once from Content-Length, else while a chunked body arrives."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_large = ApiError(413, f"the request body is larger than the limit of {self.max_bytes} bytes")
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await error_response(scope["path"], too_large)(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise too_large  # inside the handler's body read: the exception handlers answer
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
 def create_app(engine, tokenizer: Tokenizer, config: ServerConfig | None = None) -> FastAPI:
     """engine: an LLMEngine, or any object with its interface (tests pass a scripted one)."""
     ctx = ServerContext(engine, tokenizer, config or ServerConfig())
@@ -95,9 +80,12 @@ def create_app(engine, tokenizer: Tokenizer, config: ServerConfig | None = None)
         yield
         await ctx.engine.shutdown()
 
-    app = FastAPI(title="glm47", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="glm47", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ctx = ctx
-    app.add_middleware(BodyLimit, max_bytes=ctx.config.max_request_bytes)
+    cfg = ctx.config
+    app.add_middleware(Guard, max_bytes=cfg.max_request_bytes, body_timeout=cfg.body_timeout_seconds,
+                       require_json=cfg.api_key is None, allowed_hosts=cfg.allowed_hosts,
+                       error_response=error_response)
     auth = [Depends(require_api_key)]
     app.include_router(openai_api.router, dependencies=auth)
     app.include_router(anthropic_api.router, dependencies=auth)
@@ -110,6 +98,26 @@ def create_app(engine, tokenizer: Tokenizer, config: ServerConfig | None = None)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:  # unknown route, wrong method
         return error_response(request.url.path, ApiError(e.status_code, str(e.detail), headers=e.headers))
 
+    @app.exception_handler(GenerationError)
+    async def generation_error(request: Request, e: GenerationError) -> JSONResponse:
+        return error_response(request.url.path, ApiError(e.status, str(e), code=e.code))
+
+    @app.exception_handler(PromptTooLong)
+    async def prompt_too_long(request: Request, e: PromptTooLong) -> JSONResponse:
+        path, limit = request.url.path, ctx.limit
+        if is_anthropic(path):  # Anthropic's wording, which Claude Code matches to compact the conversation
+            error = ApiError(400, f"prompt is too long: more than {e.num_tokens} tokens > {limit - 1} maximum")
+        else:
+            field = "prompt" if path.endswith("/completions") and "chat" not in path else "messages"
+            error = ApiError(400, f"This model's maximum context length is {limit} tokens. However, your {field} "
+                                  f"resulted in more than {e.num_tokens} tokens. Please reduce the length of the "
+                                  f"{field}.", field, "context_length_exceeded")
+        return error_response(path, error)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, e: ClientDisconnect) -> Response:
+        return Response(status_code=400)  # nobody reads it; the guard logged the hang-up in one line
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         return error_response(request.url.path, ApiError(400, str(e.errors()[0].get("msg", e))))
@@ -121,8 +129,9 @@ def create_app(engine, tokenizer: Tokenizer, config: ServerConfig | None = None)
 
     @app.get("/health")
     async def health() -> Response:
-        if ctx.engine.dead:
-            return JSONResponse({"status": "error", "message": ctx.engine.dead}, status_code=503)
+        if ctx.engine.dead:  # the reason is in the log, not here
+            message = "the engine failed" if ctx.engine.failed else "the server is shutting down"
+            return JSONResponse({"status": "error", "message": message}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -136,15 +145,51 @@ def create_app(engine, tokenizer: Tokenizer, config: ServerConfig | None = None)
     return app
 
 
+def uvicorn_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                   drain_timeout: float | None = 60.0) -> uvicorn.Config:
+    """uvicorn's settings for the app: h11 with a header deadline and a connection cap, uvicorn's idle
+    keep-alive timeout, and the graceful-shutdown drain time."""
+    cfg: ServerConfig = app.state.ctx.config
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
+                          http=guarded_h11(cfg.header_timeout_seconds, cfg.max_connections),
+                          timeout_keep_alive=cfg.idle_timeout_seconds)
+
+
 def serve(engine, tokenizer: Tokenizer, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", drain_timeout: float | None = 60.0) -> None:
-    """Runs the server until SIGINT/SIGTERM; then in-flight requests get up to drain_timeout s to finish,
-    and serve() returns (so `glm47 serve` exits 0)."""
+          log_level: str = "info", drain_timeout: float | None = 60.0) -> int:
+    """Runs the server until SIGINT/SIGTERM; then in-flight requests get up to drain_timeout s to finish, and
+    serve() returns 0 (so `glm47 serve` exits 0). If the engine fails, the server stops the same way and
+    serve() returns 1: a supervisor (systemd, Kubernetes, docker --restart) starts a fresh one."""
+    if config.api_key is None:
+        log.warning("no API key (--api-key / GLM47_API_KEY): anyone who can reach %s:%d can use this server; "
+                    "it accepts only JSON bodies%s", host, port,
+                    " addressed to localhost" if _is_loopback(host) else "")
+        if _is_loopback(host) and config.allowed_hosts is None:  # a DNS-rebinding page cannot name localhost
+            config = replace(config, allowed_hosts=LOOPBACK_HOSTS)
+    raise_open_files_limit()
     app = create_app(engine, tokenizer, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=drain_timeout))
+    server = uvicorn.Server(uvicorn_config(app, host, port, log_level, drain_timeout))
+    async_engine = app.state.ctx.engine
+
+    def stop() -> None:  # on the engine thread; uvicorn polls should_exit
+        server.should_exit = True
+
+    async_engine.on_failure = stop
     with _stop_signals_return():
         server.run()
+    if async_engine.failed:
+        log.error("the engine failed (the traceback is above); exiting with status 1")
+        return 1
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @contextlib.contextmanager

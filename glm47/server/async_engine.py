@@ -27,8 +27,18 @@ class EngineOverloaded(Exception):
     """Too many requests in flight: the caller should answer 503 with Retry-After."""
 
 
-class EngineDead(Exception):
+class GenerationError(Exception):
+    """A request's generation ended in an error; `status` and `code` are what the HTTP answer says."""
+    status, code = 500, "generation_failed"
+
+
+class EngineDead(GenerationError):
     """The engine thread stopped (an engine error or shutdown): no request can be served."""
+    status, code = 503, "engine_dead"
+
+
+class RequestFailed(GenerationError):
+    """Stepping this one request raised (the engine goes on with the others)."""
 
 
 @dataclass(slots=True)
@@ -94,7 +104,9 @@ class AsyncEngine:
         self.metrics = metrics
         self.max_num_requests = max_num_requests
         self.num_requests = 0  # samples in flight (event-loop side count)
-        self.dead: str | None = None  # why the engine thread stopped
+        self.dead: str | None = None  # why the engine thread stopped, in words fit for a client
+        self.failed = False  # it stopped on an error (not a shutdown)
+        self.on_failure = None  # called (from the engine thread) once when it stops on an error
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}  # engine thread only
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,6 +133,9 @@ class AsyncEngine:
         EngineOverloaded or EngineDead."""
         if self.dead:
             raise EngineDead(self.dead)
+        if len(samples) > self.max_num_requests:
+            raise ValueError(f"this request needs {len(samples)} sequences (prompts x n), more than the "
+                             f"{self.max_num_requests} this server runs at once")
         if self.num_requests + len(samples) > self.max_num_requests:
             raise EngineOverloaded(f"{self.num_requests} requests in flight (limit {self.max_num_requests})")
         ids = [f"{request_id}-{k}" for k in range(len(samples))]
@@ -184,9 +199,9 @@ class AsyncEngine:
                 if engine.has_unfinished():
                     self._step(out)
                 self.metrics.engine_stats(engine.stats())
-            except Exception as e:  # an engine bug: fail every request instead of hanging them
+            except Exception:  # an engine bug (not one request's): fail every request instead of hanging them
                 log.exception("engine step failed; the server can no longer generate")
-                self.dead = f"engine error: {type(e).__name__}: {e}"
+                self.dead, self.failed = "the engine failed (the server log says why); the server is stopping", True
                 out += [(live.handle, EngineDead(self.dead)) for live in self._live.values()]
                 self._live.clear()
                 stopping = True
@@ -194,6 +209,8 @@ class AsyncEngine:
                 self._call_soon(self._deliver, out)
         if not self.dead:
             self.dead = "the server is shutting down"
+        if self.failed and self.on_failure is not None:
+            self.on_failure()
 
     def _command(self, command: tuple, out: list) -> bool:
         kind = command[0]
@@ -236,22 +253,37 @@ class AsyncEngine:
             live = self._live.get(o.request_id)
             if live is None:  # aborted or ended by a stop string already
                 continue
-            step = live.text.feed(o.new_token_ids, o.finished, o.finish_reason)
-            o = o.head(step.num_tokens)
-            if o.new_token_ids:
-                m.generation_tokens.inc(len(o.new_token_ids))
-                if live.last is None:
-                    m.time_to_first_token.observe(now - live.arrival)
-                else:
-                    m.inter_token_latency.observe(now - live.last)
-                live.last = now
-            if step.abort:  # a stop string ended it: free its blocks now
-                self.engine.abort(o.request_id)
-            if step.done:
-                del self._live[o.request_id]
-                m.e2e_request_latency.observe(now - live.arrival)
-                m.request_finished(step.finish_reason)
-            out.append((live.handle, Output(live.index, step.text, o.new_token_ids, step.finish_reason,
-                                            live.text.stop_string if step.done else None, o.logprobs,
-                                            o.top_logprobs, o.num_cached_tokens, o.prompt_logprobs,
-                                            o.prompt_top_logprobs)))
+            try:
+                if o.finish_reason == "error":
+                    raise RequestFailed(o.error)
+                self._output(o, live, now, out)
+            except Exception as e:  # this request's own failure: it ends with an error, the others go on
+                if not isinstance(e, RequestFailed):
+                    log.exception("request %s failed", o.request_id)
+                    e = RequestFailed(f"{type(e).__name__}: {e}")
+                    self.engine.abort(o.request_id)
+                self._live.pop(o.request_id, None)
+                m.request_finished("error")
+                out.append((live.handle, e))
+
+    def _output(self, o, live: _Live, now: float, out: list) -> None:
+        m = self.metrics
+        step = live.text.feed(o.new_token_ids, o.finished, o.finish_reason)
+        o = o.head(step.num_tokens)
+        if o.new_token_ids:
+            m.generation_tokens.inc(len(o.new_token_ids))
+            if live.last is None:
+                m.time_to_first_token.observe(now - live.arrival)
+            else:
+                m.inter_token_latency.observe(now - live.last)
+            live.last = now
+        if step.abort:  # a stop string ended it: free its blocks now
+            self.engine.abort(o.request_id)
+        if step.done:
+            del self._live[o.request_id]
+            m.e2e_request_latency.observe(now - live.arrival)
+            m.request_finished(step.finish_reason)
+        out.append((live.handle, Output(live.index, step.text, o.new_token_ids, step.finish_reason,
+                                        live.text.stop_string if step.done else None, o.logprobs,
+                                        o.top_logprobs, o.num_cached_tokens, o.prompt_logprobs,
+                                        o.prompt_top_logprobs)))

@@ -10,7 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from glm47.chat import Tokenizer, render_ids
+from glm47.chat import PromptTooLong, Tokenizer, render_ids
 from glm47.engine.sampling import SamplingParams
 from glm47.server.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestHandle
 from glm47.server.metrics import Metrics
@@ -27,13 +27,27 @@ class ServerConfig:
     max_num_requests: int = 1024  # engine requests (samples) queued or running; more get 503
     # Default for requests that don't say; False keeps every turn's reasoning (Z.ai's coding endpoint).
     clear_thinking: bool = True
-    keepalive_seconds: float = 10.0  # SSE keep-alive when no token came for this long (long prefills)
+    keepalive_seconds: float = 10.0  # SSE keep-alive when nothing was sent for this long (long prefills)
     retry_after_seconds: int = 1
+    # HTTP hygiene (glm47/server/http.py): a request's headers must arrive within header_timeout_seconds of
+    # its first byte (or of the connection), its body within body_timeout_seconds of the headers; a
+    # keep-alive connection idle this long after a response is closed; connections beyond max_connections
+    # get 503.
+    header_timeout_seconds: float = 15.0
+    body_timeout_seconds: float = 60.0
+    idle_timeout_seconds: float = 5.0
+    max_connections: int = 4096
+    # Host names a request may be addressed to (None: any). serve() sets the loopback names when it binds
+    # loopback without an API key, so that a web page cannot reach it by DNS rebinding.
+    allowed_hosts: frozenset[str] | None = None
+    # Prompts are rendered and tokenized off the event loop, this many at once.
+    max_concurrent_tokenize: int = 2
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):
             raise ValueError(f"served_model_names must be non-empty names, got {self.served_model_names!r}")
-        for name in ("max_request_bytes", "max_num_requests"):
+        for name in ("max_request_bytes", "max_num_requests", "max_connections", "max_concurrent_tokenize",
+                     "header_timeout_seconds", "body_timeout_seconds", "idle_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
 
@@ -50,6 +64,8 @@ class ServerContext:
         self.limit = min(engine.max_model_len, getattr(engine, "pool_tokens", engine.max_model_len))
         self.think_end_id = tokenizer.think_end_id
         self.created = int(time.time())
+        tokenizer.max_token_bytes  # computed now rather than by the first request
+        self._tokenizing = asyncio.Semaphore(config.max_concurrent_tokenize)
 
     @property
     def model(self) -> str:
@@ -65,14 +81,28 @@ class ServerContext:
 
     async def render_chat(self, messages: list[dict], tools: list[dict] | None, enable_thinking: bool,
                           clear_thinking: bool, add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids; in a worker thread, since tokenizing a long conversation takes a while."""
+        """Prompt ids, rendered and tokenized in a worker thread (the tokenizer releases the GIL on long
+        texts), a few at a time. PromptTooLong, before tokenizing, when the text cannot fit the context."""
         try:
-            return await asyncio.to_thread(render_ids, self.tokenizer, messages, tools,
-                                           enable_thinking=enable_thinking, clear_thinking=clear_thinking,
-                                           add_generation_prompt=add_generation_prompt)
+            return await self.off_loop(render_ids, self.tokenizer, messages, tools, enable_thinking=enable_thinking,
+                                       clear_thinking=clear_thinking, add_generation_prompt=add_generation_prompt,
+                                       max_tokens=self.limit)
+        except PromptTooLong:
+            raise
         except ValueError as e:  # glm47.chat names the place: "messages[3].tool_calls[0]: ..."
             where = re.match(r"(messages|tools)(\[\d+\])?[\w.\[\]]*", str(e))
             raise bad_request(str(e), where.group(0) if where else "messages") from None
+
+    async def encode(self, text: str) -> list[int]:
+        """A raw prompt's ids (GLM's special tokens recognised), as render_chat: off the loop, bounded first."""
+        least = len(text) // self.tokenizer.max_token_bytes
+        if least > self.limit:
+            raise PromptTooLong(least)
+        return await self.off_loop(self.tokenizer.encode, text, allow_special=True)
+
+    async def off_loop(self, fn, *args, **kwargs):
+        async with self._tokenizing:
+            return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def submit(self, prefix: str, samples: list[tuple[list[int], SamplingParams]]) -> RequestHandle:
         try:

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from glm47.chat import Tokenizer
 from glm47.parsers import Delta
-from glm47.server.async_engine import EngineDead, RequestHandle
+from glm47.server.async_engine import GenerationError, RequestHandle
 from glm47.server.context import ServerContext, new_id
 from glm47.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                    TokenizeRequest, bad_request, chat_messages, chat_tools,
@@ -119,7 +119,7 @@ class ChatReply:
                 yield sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                            "model": self.model, "choices": [], "usage": self.usage()})
             yield DONE
-        except EngineDead as e:  # OpenAI's SDK raises on a data message with an "error" key
+        except GenerationError as e:  # OpenAI's SDK raises on a data message with an "error" key
             yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         finally:
             self.handle.abort()  # client gone (Starlette cancels us) or error: free the KV blocks
@@ -186,7 +186,7 @@ async def completions(request: Request):
         raise bad_request("suffix is not supported", "suffix")
     if req.best_of not in (None, req.n):
         raise bad_request("best_of is not supported (use n)", "best_of")
-    prompts = _prompt_ids(ctx.tokenizer, req.prompt)
+    prompts = await _prompt_ids(ctx, req.prompt, req.n)
     # OpenAI's default for completions is 16 tokens.
     params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
     if req.echo and req.logprobs is not None:  # the echoed prompt gets logprobs too (lm-eval's loglikelihood)
@@ -204,15 +204,27 @@ async def completions(request: Request):
         return JSONResponse(await reply.whole())
 
 
-def _prompt_ids(tokenizer: Tokenizer, prompt) -> list[list[int]]:
-    """Text is encoded with GLM's special tokens recognised: a raw prompt spells its own chat format."""
+async def _prompt_ids(ctx: ServerContext, prompt: str | list, n: int) -> list[list[int]]:
+    """A string, a list of strings, a list of token ids or a list of such lists (OpenAI's four forms), as
+    lists of ids. Text is encoded with GLM's special tokens recognised: a raw prompt spells its own chat
+    format. Types and counts are checked before anything is encoded, stopping at the first bad item."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
         raise bad_request("prompt must not be empty", "prompt")
-    if all(isinstance(p, int) for p in prompt):
+    if all(_is_id(t) for t in prompt):
         prompt = [prompt]
-    return [tokenizer.encode(p, allow_special=True) if isinstance(p, str) else list(p) for p in prompt]
+    elif not all(isinstance(p, str) or isinstance(p, list) and all(_is_id(t) for t in p) for p in prompt):
+        raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of lists of "
+                          "token ids", "prompt")
+    if len(prompt) * n > ctx.engine.max_num_requests:
+        raise bad_request(f"{len(prompt)} prompts x n={n} sequences are more than the {ctx.engine.max_num_requests} "
+                          f"this server runs at once", "prompt")
+    return [await ctx.encode(p) if isinstance(p, str) else p for p in prompt]
+
+
+def _is_id(t) -> bool:
+    return type(t) is int  # not bool
 
 
 def joined(first: dict | None, second: dict | None) -> dict | None:
@@ -286,7 +298,7 @@ class CompletionReply:
                 yield sse({"id": self.id, "object": "text_completion", "created": self.created,
                            "model": self.model, "choices": [], "usage": self.usage()})
             yield DONE
-        except EngineDead as e:
+        except GenerationError as e:
             yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         finally:
             self.handle.abort()
@@ -323,7 +335,7 @@ async def tokenize(request: Request) -> dict:
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("give exactly one of prompt or messages", "prompt")
     if req.prompt is not None:
-        ids = ctx.tokenizer.encode(req.prompt, allow_special=True)
+        ids = await ctx.encode(req.prompt)
     else:
         enable, clear = thinking_flags(req, ctx.config.clear_thinking)
         ids = await ctx.render_chat(chat_messages(req.messages), chat_tools(req.tools, None), enable, clear,

@@ -33,17 +33,18 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def parse_body(body: bytes, model: type[BaseModel]) -> Any:
-    """The JSON body validated as `model`; ApiError 400 naming the field for anything wrong."""
+    """The JSON body validated as `model`; ApiError 400 naming the field for anything wrong. pydantic-core
+    parses and validates in one pass (jiter): invalid UTF-8, lone surrogates ("\\ud800"), numbers of more
+    than 4,300 digits and nesting deeper than 200 are JSON errors, never exceptions of ours."""
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
+        return model.model_validate_json(body)
     except ValidationError as e:
-        err = e.errors()[0]
+        err = e.errors(include_url=False)[0]
+        if err["type"] == "json_invalid":
+            raise bad_request(f"the request body is not valid JSON: {err['msg'].removeprefix('Invalid JSON: ')}"
+                              ) from None
+        if not err["loc"]:
+            raise bad_request(f"the request body must be a JSON object ({err['msg']})") from None
         # For a field with several accepted types pydantic puts the failing type in the location: drop it.
         loc = [p for p in err["loc"] if isinstance(p, int) or str(p).split("[")[0] not in _TYPE_TAGS]
         param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
@@ -52,9 +53,16 @@ def parse_body(body: bytes, model: type[BaseModel]) -> Any:
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "literal", "none"}
 
+# Bounds on the size of a request, checked while it is parsed, before any work: each costs the engine or the
+# renderer work per item (OpenAI allows 128 tools; Anthropic 100,000 messages).
+MAX_MESSAGES = 100_000
+MAX_TOOLS = 512
+
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields are ignored, not rejected
+    # Unknown fields are ignored, not rejected. Strict types: "10" is no integer, "yes" no boolean, true no
+    # token id; integers are accepted for floats. Infinity and NaN are no floats.
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(Body):
@@ -105,8 +113,8 @@ class SamplingFields(Body):
 
 
 class ChatCompletionRequest(SamplingFields, ThinkingFields):
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    tools: list[dict[str, Any]] | None = None
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
+    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = None
@@ -116,7 +124,9 @@ class ChatCompletionRequest(SamplingFields, ThinkingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # str, or a list of str, of token ids or of lists of token ids: checked by openai_api._prompt_ids, which
+    # stops at the first bad item (a union of list types would validate a 1.5M-id list three times)
+    prompt: str | list
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
@@ -126,8 +136,8 @@ class CompletionRequest(SamplingFields):
 class TokenizeRequest(ThinkingFields):
     model: str | None = None
     prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
-    tools: list[dict[str, Any]] | None = None
+    messages: list[dict[str, Any]] | None = Field(None, max_length=MAX_MESSAGES)
+    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
     add_generation_prompt: bool = True
     return_token_strs: bool = False
 
@@ -171,8 +181,13 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
 
 def samples(prompt: list[int], params: SamplingParams, n: int) -> list[tuple[list[int], SamplingParams]]:
     """n engine requests for one prompt: distinct seeds keep seeded samples different and reproducible."""
-    return [(prompt, params if params.seed is None or k == 0 else replace(params, seed=params.seed + k))
+    return [(prompt, params if params.seed is None or k == 0 else replace(params, seed=_wrap64(params.seed + k)))
             for k in range(n)]
+
+
+def _wrap64(seed: int) -> int:
+    """seed + k kept within the 64-bit seeds a generator takes (2**64 - 1 + 1 becomes 0)."""
+    return seed - 2**64 if seed >= 2**64 else seed
 
 
 def thinking_flags(req: ThinkingFields, default_clear: bool) -> tuple[bool, bool]:

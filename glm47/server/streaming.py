@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
@@ -32,17 +33,22 @@ def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
 
 
 async def outputs(handle: RequestHandle, keepalive: float) -> AsyncIterator[Output | None]:
-    """The request's outputs until every sample finished; None after `keepalive` seconds without one (e.g.
-    during a long prefill), so the stream can send a keep-alive and notice a client that left."""
+    """The request's outputs until every sample finished, with a None at least every `keepalive` seconds
+    (during a long prefill, or while a tool call is held back until it closes), so the stream can send a
+    keep-alive and notice a client that left."""
+    tick = time.monotonic() + keepalive
     while True:
         try:
-            out = await handle.next(keepalive)
+            out = await handle.next(max(0.0, tick - time.monotonic()))
         except TimeoutError:
-            yield None
-            continue
+            out = False
         if out is None:
             return
-        yield out
+        if out is not False:
+            yield out
+        if out is False or time.monotonic() >= tick:
+            yield None
+            tick = time.monotonic() + keepalive
 
 
 @contextlib.asynccontextmanager
@@ -96,7 +102,7 @@ class ChoiceState:
     @property
     def stream_finish_reason(self) -> str | None:
         """The finish reason of the streamed reply: a stop after complete tool calls is 'tool_calls'."""
-        calls = self.parser.num_tool_calls and self.parser.truncated_call is None
+        calls = self.parser.num_tool_calls
         return "tool_calls" if calls and self.engine_reason == "stop" else self.engine_reason
 
     def parsed(self) -> tuple[ParsedOutput, str | None]:
