@@ -179,7 +179,7 @@ class LLM:
             reason = d.finish_reason or reason
         for delta in parser.close():
             yield ChatChunk(delta)
-        calls = parser.num_tool_calls and parser.truncated_call is None
+        calls = parser.num_tool_calls
         yield ChatChunk(None, "tool_calls" if calls and reason == "stop" else reason)
 
     def default_chat_params(self) -> SamplingParams:

@@ -127,6 +127,22 @@ def test_chat_stream_agrees_with_chat_and_thinking_off_starts_in_content(llm, mo
     assert llm.engine.prompts[0][-1] == llm.tokenizer.think_end_id  # <|assistant|></think>
 
 
+def test_chat_stream_of_a_call_cut_before_its_close_sends_no_call_and_agrees_with_chat(llm, monkeypatch):
+    """A stop string can end the reply inside a call: the stream never sends it (an agent would run a call
+    with half its arguments); its raw text is content and the finish reason stays "stop", as in chat()."""
+    reply = "Need weather.</think><tool_call>get_weather<arg_key>city</arg_key><arg_value>Par"
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    monkeypatch.setattr(llm, "engine", ScriptedEngine(llm.tokenizer, reply))
+    chunks = list(llm.chat_stream(messages, tools=TOOLS))
+    assert not any(c.delta and c.delta.tool_calls for c in chunks)
+    content = "".join(c.delta.content for c in chunks if c.delta and c.delta.content)
+    assert content == "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Par"
+    assert chunks[-1].finish_reason == "stop"
+    monkeypatch.setattr(llm, "engine", ScriptedEngine(llm.tokenizer, reply))
+    out = llm.chat(messages, tools=TOOLS)
+    assert (out.content, out.tool_calls, out.finish_reason) == (content, [], "stop")
+
+
 def test_the_package_exports_llm_and_sampling_params_lazily():
     import subprocess
     import sys

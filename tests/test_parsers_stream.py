@@ -1,5 +1,5 @@
-"""glm47.parsers.OutputStream: what a client sees while the output is generated (argument fragments
-before </arg_value>, no half markers, the OpenAI delta shape), and properties over generated text."""
+"""glm47.parsers.OutputStream: what a client sees while the output is generated (a call only once it is
+closed, never a cut-off one; no half markers; the OpenAI delta shape), and properties over generated text."""
 
 import json
 
@@ -13,18 +13,30 @@ from test_parsers import TOOLS, assemble, call, call_id, fn, streamed
 BODY = "".join(f"line {i}: \"quoted\" \\ tab\t ünïcødé\n" for i in range(200))[:4000]
 
 
-def test_long_string_argument_streams_before_its_closing_tag():
+def calls_in(deltas):
+    """(index, id, name, arguments) of every call delta, in order."""
+    return [(tc.index, tc.id, tc.name, tc.arguments) for d in deltas for tc in d.tool_calls or ()]
+
+
+def test_a_complete_call_is_sent_only_once_its_close_has_been_fed():
+    """A long file body sends nothing while it is written; the character that completes </tool_call>
+    sends the header and then the whole arguments."""
     stream = OutputStream(TOOLS, thinking=False, call_id=call_id)
-    head = "<tool_call>write_file" + "<arg_key>path</arg_key><arg_value>a.txt</arg_value>" \
-        + "<arg_key>content</arg_key><arg_value>"
-    sent = "".join(tc.arguments for d in stream.feed(head) for tc in d.tool_calls or ())
-    assert sent == '{"path": "a.txt", "content": "'  # the opening is out before any of the body
-    for i in range(0, len(BODY), 16):
-        sent += "".join(tc.arguments for d in stream.feed(BODY[i:i + 16]) for tc in d.tool_calls or ())
-        # each piece goes out, JSON-escaped, as soon as it arrives: all but the closing '"}' is there
-        assert sent == json.dumps({"path": "a.txt", "content": BODY[:i + 16]}, ensure_ascii=False)[:-2], i
-    rest = stream.feed("</arg_value></tool_call>") + stream.close()
-    assert "".join(tc.arguments for d in rest for tc in d.tool_calls or ()) == '"}'
+    assert [d.content for d in stream.feed("Writing it.")] == ["Writing it."]
+    text = call("write_file", ("path", "a.txt"), ("content", BODY))
+    for i, char in enumerate(text[:-1]):
+        assert stream.feed(char) == [], f"sent at char {i} of {len(text)}: {text[max(0, i - 20):i + 1]!r}"
+    arguments = json.dumps({"path": "a.txt", "content": BODY}, ensure_ascii=False)
+    assert calls_in(stream.feed(text[-1])) == [(0, "call_0", "write_file", ""), (0, None, None, arguments)]
+    assert stream.close() == [] and stream.num_tool_calls == 1
+
+
+def test_each_call_is_sent_by_the_feed_that_completes_its_close():
+    text = "Checking." + call("get_weather", ("city", "Paris")) + " and " + call("list_files") + " done"
+    closes = [i + len("</tool_call>") - 1 for i in range(len(text)) if text.startswith("</tool_call>", i)]
+    stream = OutputStream(TOOLS, thinking=False, call_id=call_id)
+    sent_at = [(i, index) for i, char in enumerate(text) for index, *_ in calls_in(stream.feed(char))]
+    assert sent_at == [(closes[0], 0), (closes[0], 0), (closes[1], 1), (closes[1], 1)], (sent_at, closes)
 
 
 @pytest.mark.parametrize("before, partial, after, thinking", [
@@ -51,7 +63,7 @@ def test_partial_marker_that_never_completes_is_flushed_by_close():
 
 
 def test_call_deltas_have_the_openai_shape():
-    """First delta per call: index, id, whole name, arguments ""; then fragments with index only."""
+    """First delta per call: index, id, whole name, arguments ""; then one with index and the whole arguments."""
     text = "Checking." + call("get_weather", ("city", "Paris"), ("days", "2")) + call("list_files")
     for pieces in ([text], list(text)):
         stream = OutputStream(TOOLS, thinking=False, call_id=call_id)
@@ -62,9 +74,9 @@ def test_call_deltas_have_the_openai_shape():
         headers = [p for p in parts if p.id is not None]
         assert [(h.index, h.id, h.name, h.arguments) for h in headers] == [
             (0, "call_0", "get_weather", ""), (1, "call_1", "list_files", "")]
-        for index in (0, 1):
-            mine = [p for p in parts if p.index == index]
-            assert mine[0].id is not None and all(p.id is None and p.name is None and p.arguments for p in mine[1:])
+        for index, arguments in ((0, '{"city": "Paris", "days": 2}'), (1, "{}")):
+            mine = [(p.id, p.name, p.arguments) for p in parts if p.index == index]
+            assert mine == [(f"call_{index}", headers[index].name, ""), (None, None, arguments)]
         assert "".join(p.arguments for p in parts if p.index == 1) == "{}"  # sent even with no arguments
         assert stream.num_tool_calls == 2
 
@@ -87,16 +99,47 @@ def test_blank_text_is_held_until_something_visible_follows():
     assert all(d.content is None for d in deltas)
 
 
-def test_call_cut_off_after_it_was_announced():
-    """The stream cannot take back the call it announced: it stops, with the arguments left open, and names
-    the call in truncated_call; parse_output turns the same text into content."""
-    text = "Sure.<tool_call>get_weather<arg_key>city</arg_key><arg_value>Par"
-    got, stream = streamed(list(text), tools=TOOLS, thinking=False)
-    assert got.content == "Sure."
-    assert [(c.name, c.arguments) for c in got.tool_calls] == [("get_weather", '{"city": "Par')]
-    assert stream.truncated_call == 0
-    parsed = parse_output(text, TOOLS, thinking=False)
-    assert parsed.content == text and parsed.tool_calls == []
+FIRST = call("get_weather", ("city", "Paris"))
+SECOND = call("write_file", ("path", "a.txt"), ("content", "line 1\nline <2> </arg_key>\n"))
+TWO_CALLS = "Sure. " + FIRST + " Now the file.\n" + SECOND
+SECOND_AT = len(TWO_CALLS) - len(SECOND)
+
+
+def check_cut_call(text, pieces):
+    """The stream fed `pieces` (joined: `text`, cut inside SECOND) sent FIRST and no other call, and all it
+    sent adds up to parse_output(text), where the cut call's raw text is content."""
+    stream = OutputStream(TOOLS, thinking=False, call_id=call_id)
+    deltas = [d for p in pieces for d in stream.feed(p)] + stream.close()
+    expected = parse_output(text, TOOLS, thinking=False, call_id=call_id)
+    assert {index for index, *_ in calls_in(deltas)} == {0}, (text, pieces, calls_in(deltas))
+    assert stream.num_tool_calls == 1
+    assert assemble(deltas) == expected, (text, pieces)
+    assert [c.name for c in expected.tool_calls] == ["get_weather"]
+    assert expected.content == "Sure.  Now the file.\n" + text[SECOND_AT:], text
+
+
+@pytest.mark.parametrize("where, cut", [
+    ("inside_the_name", SECOND_AT + len("<tool_call>write_f")),
+    ("right_after_the_name", SECOND_AT + len("<tool_call>write_file")),
+    ("inside_an_arg_key", SECOND_AT + SECOND.index("<arg_key>pa") + len("<arg_key>pa")),
+    ("inside_an_arg_value", SECOND_AT + SECOND.index("line <2") + len("line <2")),
+    ("inside_a_marker", SECOND_AT + SECOND.index("</arg_value>") + len("</arg_v")),
+    ("right_before_the_close", len(TWO_CALLS) - len("</tool_call>")),
+    ("inside_the_close", len(TWO_CALLS) - 1),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_a_call_cut_before_its_close_streams_no_call_and_becomes_content_as_whole(where, cut):
+    text = TWO_CALLS[:cut]
+    for name, pieces in (("whole", [text]), ("chars", list(text)), *(
+            (f"split at {i}", [text[:i], text[i:]]) for i in range(1, len(text)))):
+        check_cut_call(text, pieces)
+
+
+def test_a_call_cut_at_any_point_streams_no_call_and_becomes_content_as_whole():
+    """max_tokens or a stop string can end the output anywhere inside a call."""
+    for cut in range(SECOND_AT + 1, len(TWO_CALLS)):
+        text = TWO_CALLS[:cut]
+        check_cut_call(text, list(text))
+        check_cut_call(text, [text[:SECOND_AT], text[SECOND_AT:]])
 
 
 def test_feed_after_close_is_a_caller_error():
@@ -160,14 +203,10 @@ def test_no_text_makes_the_parsers_raise_and_streaming_agrees(text, sizes, think
     expected = parse_output(text, tools, thinking, call_id=call_id)
     parse_output(text, tools, thinking, finished=False)
     got, stream = streamed(split(text, sizes), tools=tools, thinking=thinking)
-    if stream.truncated_call is None:
-        assert got == expected
-    else:  # the one documented difference: the cut call is in the stream, its text in parse_output
-        assert got.tool_calls[:-1] == expected.tool_calls and got.reasoning_content == expected.reasoning_content
-        rest = expected.content[len(got.content or ""):]  # whitespace the stream held back, then the raw call
-        assert expected.content.startswith(got.content or "") and rest.lstrip().startswith("<tool_call>")
-    for c in got.tool_calls[: len(got.tool_calls) - (stream.truncated_call is not None)]:
-        json.loads(c.arguments)  # every finished call's arguments are valid JSON
+    assert got == expected  # cut-off text included: a call the end cuts off is content in both
+    assert stream.num_tool_calls == len(got.tool_calls)
+    for c in got.tool_calls:
+        assert isinstance(json.loads(c.arguments), dict), c  # every call sent is whole: a JSON object
 
 
 # Argument values the template can render and a schema can type: text without marker pieces.

@@ -1,6 +1,6 @@
 """Delta and ToolCallDelta: one piece of streamed output, shaped like an OpenAI chat-completion chunk's
-`delta`. A call's first delta carries index, id and the whole name with arguments ""; later ones carry
-only index and an arguments fragment."""
+`delta`. A call's first delta carries index, id and the whole name with arguments ""; the next one carries
+only index and the call's whole arguments (a call is sent once it is complete)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ class Delta:
 
 
 def merge_deltas(deltas: list[Delta]) -> list[Delta]:
-    """Joins neighbours of the same kind (text with text, a call's argument fragments with each other),
-    so one feed() returns few deltas however many markers it crossed. A call's first delta stays apart."""
+    """Joins neighbouring text of the same kind, so one feed() returns few deltas however many markers it
+    crossed. Call deltas stay apart."""
     merged: list[Delta] = []
     for d in deltas:
         prev = merged[-1] if merged else None
@@ -34,13 +34,6 @@ def merge_deltas(deltas: list[Delta]) -> list[Delta]:
             prev.reasoning_content += d.reasoning_content
         elif prev is not None and d.content is not None and prev.content is not None:
             prev.content += d.content
-        elif prev is not None and _is_fragment(d) and _is_fragment(prev) \
-                and prev.tool_calls[0].index == d.tool_calls[0].index:
-            prev.tool_calls[0].arguments += d.tool_calls[0].arguments
         else:
             merged.append(d)
     return merged
-
-
-def _is_fragment(d: Delta) -> bool:
-    return d.tool_calls is not None and len(d.tool_calls) == 1 and d.tool_calls[0].id is None

@@ -29,9 +29,9 @@ def parse_output(text: str, tools: list[dict] | None = None, thinking: bool = Tr
     prompt_ends_in_think) or not. tools: the request's tools (None: accept every call, untyped).
     finished=True: the output is complete, so a call without </tool_call> is no call and its raw text is
     content. finished=False: `text` is a prefix of an output still being generated; the result is what
-    OutputStream has sent after being fed `text` (an open call shows its arguments so far, a possible
-    marker at the very end is left out). call_id(index) makes ids; default random "call_...". Never raises
-    on anything the model writes."""
+    OutputStream has sent after being fed `text` (an open call is not in it yet, a possible marker at the
+    very end is left out). call_id(index) makes ids; default random "call_...". Never raises on anything
+    the model writes."""
     splitter = Splitter(tools, thinking, call_id)
     deltas = splitter.feed(text) + (splitter.close() if finished else [])
     reasoning, content, calls = [], [], {}
@@ -44,10 +44,6 @@ def parse_output(text: str, tools: list[dict] | None = None, thinking: bool = Tr
             if part.id is not None:
                 calls[part.index] = ToolCall(part.id, part.name, "")
             calls[part.index].arguments += part.arguments
-    if splitter.cut is not None:  # an announced call that never closed is text after all
-        index, raw = splitter.cut
-        del calls[index]
-        content.append(raw)
     return ParsedOutput(_text_or_none(reasoning), _text_or_none(content), list(calls.values()))
 
 

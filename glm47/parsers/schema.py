@@ -69,18 +69,17 @@ def json_types(schema: object) -> frozenset[str] | None:
     return frozenset(types)
 
 
-def is_string_param(types: frozenset[str] | None) -> bool:
-    """A string parameter (null allowed) keeps its raw text, so it can be streamed as it arrives."""
-    return types is not None and STRING in types and types <= {STRING, NULL}
-
-
 def value_json(text: str, types: frozenset[str] | None) -> str:
-    """JSON text of a non-string parameter's value (see is_string_param for the others):
+    """JSON text of a parameter's value, from the raw text between <arg_value> and </arg_value>:
+    - a string parameter (null allowed or not): the raw text as a string, or null for the bare word null
+      when null is allowed (how the template writes None);
     - untyped: the JSON value when `text` parses, else the raw text as a string;
     - string plus other types (["integer", "string"]): the JSON value when it parses *and* is one of the
       other types; else the raw text (the template writes strings raw, so "5" means 5 here, "[x" a string);
     - no string type: the JSON value, retrying once with backslash-escapes undone ({\\"a\\": 1}), else raw.
     Nothing written into `text` makes this raise; NaN and Infinity are never produced (not JSON)."""
+    if types is not None and STRING in types and types <= {STRING, NULL}:
+        return "null" if text == "null" and NULL in types else string_json(text)
     value = _loads(text)
     if types is not None and STRING in types:
         if value is not _FAILED and (isinstance(value, str) or _type_of(value) not in _widen(types)):
@@ -93,12 +92,6 @@ def value_json(text: str, types: frozenset[str] | None) -> str:
 
 def string_json(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
-
-
-def string_fragment(text: str) -> str:
-    """`text` escaped for the inside of a JSON string. JSON escapes each character on its own, so the
-    fragments of a value streamed piece by piece concatenate to the escaped whole."""
-    return string_json(text)[1:-1]
 
 
 _FAILED = object()

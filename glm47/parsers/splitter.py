@@ -1,6 +1,7 @@
 """Splitter: the output state machine. It routes decoded text to reasoning, content or tool calls,
 piece by piece, and produces Deltas. OutputStream presents them to a client; parse_output joins them.
-Being the one machine behind both is what makes streaming and non-streaming agree."""
+Being the one machine behind both is what makes streaming and non-streaming agree. A tool call is held
+back until </tool_call> closes it, so no half-finished call is ever handed out."""
 
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ class Splitter:
       </think>   -> content          (in content: dropped, never shown)
       <think>    -> reasoning        (in reasoning: dropped)
       <tool_call> -> a call region; reasoning is over, the region ends in content. A region that turns
-                     out not to be a call (no valid name) is text of the channel it interrupted.
-    `cut` is set by close() when a call that was already announced never reached </tool_call>:
-    (its index, its raw text)."""
+                     out not to be a call (no valid name) is text of the channel it interrupted; one
+                     that the end cuts off before </tool_call> is content, its raw text.
+    A call comes out whole when it closes: a header delta (index, id, name, arguments "") and then one
+    delta with its whole arguments."""
 
     def __init__(self, tools: list[dict] | None, thinking: bool,
                  call_id: Callable[[int], str] | None = None) -> None:
@@ -36,10 +38,8 @@ class Splitter:
         self.reasoning = thinking
         self._reasoning_before_call = False
         self.n_calls = 0
-        self.cut: tuple[int, str] | None = None
         self._scanner = MarkerScanner()
         self._call: CallParser | None = None
-        self._call_index: int | None = None  # set once the current call is announced
         self._out: list[Delta] = []
 
     def feed(self, text: str) -> list[Delta]:
@@ -49,11 +49,8 @@ class Splitter:
 
     def close(self) -> list[Delta]:
         self._run(final=True)
-        if self._call is not None:  # the output ended inside a call region
-            if self._call_index is None:
-                self._text(self._call.raw)
-            else:
-                self.cut = (self._call_index, self._call.raw)
+        if self._call is not None:  # the output ended inside a call region: no call, its text is content
+            self._text(self._call.raw)
             self._call = None
         return self._take()
 
@@ -92,18 +89,15 @@ class Splitter:
 
     def _after_call_step(self) -> None:
         call = self._call
-        if call.verdict == CALL and self._call_index is None:
-            self._call_index, self.n_calls = self.n_calls, self.n_calls + 1
-            header = ToolCallDelta(self._call_index, self.call_id(self._call_index), call.name, "")
-            self._out.append(Delta(tool_calls=[header]))
-        fragment = call.take()
-        if fragment:
-            self._out.append(Delta(tool_calls=[ToolCallDelta(self._call_index, arguments=fragment)]))
         if call.verdict == TEXT:  # e.g. reasoning that mentions "<tool_call> tags" goes on as reasoning
             self._call, self.reasoning = None, self._reasoning_before_call
             self._text(call.raw)
         elif call.done:
-            self._call, self._call_index = None, None
+            self._call = None
+            if call.verdict == CALL:  # (a DROP call is swallowed)
+                index, self.n_calls = self.n_calls, self.n_calls + 1
+                self._out.append(Delta(tool_calls=[ToolCallDelta(index, self.call_id(index), call.name, "")]))
+                self._out.append(Delta(tool_calls=[ToolCallDelta(index, arguments=call.arguments)]))
 
     def _text(self, text: str) -> None:
         if text:

@@ -1,8 +1,6 @@
 """OutputStream: a GLM-4.7 output parsed as it is generated, into OpenAI-style stream deltas.
-A call is announced once its name is complete and its arguments then stream as generated, so a call the
-output cuts off before </tool_call> cannot be taken back: close() leaves its arguments unclosed JSON and
-names it in `truncated_call`, while parse_output makes that text content. It is the only difference between
-the two (a cut call not yet announced is content in both), and what streaming parsers such as vLLM's do."""
+A tool call goes out only once </tool_call> has closed it, whole (header, then its complete arguments), so
+no half-finished call ever reaches a client; a call the output cuts off is content, as in parse_output."""
 
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ from glm47.parsers.splitter import Splitter
 
 class OutputStream:
     """feed(text) with each decoded piece, then close() once at the end; each returns the new deltas.
-    Concatenating every delta gives what parse_output returns for the whole text (except truncated_call).
+    Concatenating every delta gives what parse_output returns for the whole text, cut-off text included.
     Text that is blank so far (whitespace only) is held back per channel and dropped if nothing else comes,
     matching parse_output's "blank counts as None". call_id(index) makes ids; default random."""
 
@@ -27,13 +25,8 @@ class OutputStream:
 
     @property
     def num_tool_calls(self) -> int:
-        """Calls announced so far (a server answers finish_reason "tool_calls" when non-zero)."""
+        """Complete calls sent so far (a server answers finish_reason "tool_calls" when non-zero)."""
         return self._splitter.n_calls
-
-    @property
-    def truncated_call(self) -> int | None:
-        """After close(): index of an announced call that never reached </tool_call>, else None."""
-        return None if self._splitter.cut is None else self._splitter.cut[0]
 
     def feed(self, text: str) -> list[Delta]:
         if self._closed:
