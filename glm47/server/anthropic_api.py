@@ -18,14 +18,14 @@ from glm47.server.anthropic_protocol import (CountTokensRequest, MessagesRequest
                                              sampling_params, to_chat)
 from glm47.server.async_engine import GenerationError, RequestHandle
 from glm47.server.context import ServerContext, new_id
-from glm47.server.protocol import parse_body
+from glm47.server.protocol import body_schema, parse_body
 from glm47.server.streaming import ChoiceState, abort_on_disconnect, outputs, sse, sse_response
 
 router = APIRouter()
 PING = sse({"type": "ping"}, "ping")
 
 
-@router.post("/v1/messages/count_tokens")
+@router.post("/v1/messages/count_tokens", openapi_extra=body_schema(CountTokensRequest))
 async def count_tokens(request: Request) -> dict:
     """Claude Code calls this every turn to manage its context window: render the prompt, count it."""
     ctx: ServerContext = request.app.state.ctx
@@ -36,7 +36,7 @@ async def count_tokens(request: Request) -> dict:
     return {"input_tokens": len(prompt)}
 
 
-@router.post("/v1/messages")
+@router.post("/v1/messages", openapi_extra=body_schema(MessagesRequest))
 async def create_message(request: Request):
     ctx: ServerContext = request.app.state.ctx
     req: MessagesRequest = parse_body(await request.body(), MessagesRequest)

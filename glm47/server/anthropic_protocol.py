@@ -11,7 +11,7 @@ from pydantic import Field
 
 from glm47.engine.sampling import SamplingParams
 from glm47.server.protocol import (DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_MESSAGES, MAX_TOOLS, ApiError, Body,
-                                   bad_request)
+                                   bad_request, params_error)
 
 # Claude Code prepends a system block whose hash changes every request; it would defeat the prefix cache.
 BILLING_HEADER = "x-anthropic-billing-header"
@@ -69,8 +69,7 @@ def sampling_params(req: MessagesRequest) -> SamplingParams:
             top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p, top_k=req.top_k or 0,
             max_tokens=req.max_tokens, stop=req.stop_sequences or None)
     except ValueError as e:
-        field = {"stop": "stop_sequences"}.get(str(e).split(" ", 1)[0], str(e).split(" ", 1)[0])
-        raise bad_request(str(e).replace("stop ", "stop_sequences ", 1), field) from None
+        raise params_error(e, {"stop": "stop_sequences"}) from None
 
 
 def context_error(num_prompt: int, max_tokens: int, limit: int) -> ApiError | None:

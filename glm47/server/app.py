@@ -138,7 +138,7 @@ def create_app(engine, tokenizer: Tokenizer, config: ServerConfig | None = None)
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)
 
-    @app.api_route("/", methods=["GET", "HEAD"])
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def root() -> dict:  # Claude Code probes HEAD /
         return {"name": "glm47", "models": ctx.config.served_model_names}
 

@@ -14,7 +14,7 @@ from glm47.chat import PromptTooLong, Tokenizer, render_ids
 from glm47.engine.sampling import SamplingParams
 from glm47.server.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestHandle
 from glm47.server.metrics import Metrics
-from glm47.server.protocol import ApiError, bad_request
+from glm47.server.protocol import ApiError, bad_request, params_error
 
 MIB = 2**20
 
@@ -108,7 +108,7 @@ class ServerContext:
         try:
             return await self.engine.submit(f"{prefix}-{uuid.uuid4().hex[:8]}", samples)
         except ValueError as e:  # the engine's own admission checks
-            raise bad_request(str(e)) from None
+            raise params_error(e) from None
         except EngineOverloaded as e:
             raise ApiError(503, f"the server is busy ({e}); retry later", code="overloaded",
                            headers={"Retry-After": str(self.config.retry_after_seconds)}) from None

@@ -16,7 +16,7 @@ from glm47.chat import Tokenizer
 from glm47.parsers import Delta
 from glm47.server.async_engine import GenerationError, RequestHandle
 from glm47.server.context import ServerContext, new_id
-from glm47.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+from glm47.server.protocol import (ChatCompletionRequest, body_schema, CompletionRequest, DetokenizeRequest,
                                    TokenizeRequest, bad_request, chat_messages, chat_tools,
                                    check_response_format, context_error, max_tokens_of, parse_body, samples,
                                    sampling_params, thinking_flags)
@@ -42,9 +42,12 @@ def _model_card(ctx: ServerContext, name: str) -> dict:
             "max_model_len": ctx.max_model_len}
 
 
-@router.post("/v1/chat/completions")
-@router.post("/api/paas/v4/chat/completions")  # Z.ai's base URLs, so a Z.ai client can point here as is
-@router.post("/api/coding/paas/v4/chat/completions")
+_CHAT_BODY = body_schema(ChatCompletionRequest)
+
+
+@router.post("/v1/chat/completions", openapi_extra=_CHAT_BODY)
+@router.post("/api/paas/v4/chat/completions", openapi_extra=_CHAT_BODY)  # Z.ai's base URLs, so a Z.ai client
+@router.post("/api/coding/paas/v4/chat/completions", openapi_extra=_CHAT_BODY)  # can point here as is
 async def chat_completions(request: Request):
     ctx: ServerContext = request.app.state.ctx
     req: ChatCompletionRequest = parse_body(await request.body(), ChatCompletionRequest)
@@ -56,7 +59,8 @@ async def chat_completions(request: Request):
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     max_tokens, max_tokens_field = max_tokens_of(req)
-    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, max_tokens_field)
+    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, max_tokens_field,
+                             "top_logprobs")
     prompt = await ctx.render_chat(messages, tools, enable_thinking, clear_thinking)
     if error := context_error(len(prompt), max_tokens, ctx.limit, max_tokens_field):
         raise error
@@ -177,7 +181,7 @@ def _token_logprob(tokenizer: Tokenizer, token_id: int, logprob: float) -> dict:
 
 
 # ---- plain completions, tokenize ----------------------------------------------------------------------
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
 async def completions(request: Request):
     ctx: ServerContext = request.app.state.ctx
     req: CompletionRequest = parse_body(await request.body(), CompletionRequest)
@@ -327,7 +331,7 @@ class CompletionReply:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", openapi_extra=body_schema(TokenizeRequest))
 async def tokenize(request: Request) -> dict:
     ctx: ServerContext = request.app.state.ctx
     req: TokenizeRequest = parse_body(await request.body(), TokenizeRequest)
@@ -346,7 +350,7 @@ async def tokenize(request: Request) -> dict:
     return out
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", openapi_extra=body_schema(DetokenizeRequest))
 async def detokenize(request: Request) -> dict:
     ctx: ServerContext = request.app.state.ctx
     req: DetokenizeRequest = parse_body(await request.body(), DetokenizeRequest)

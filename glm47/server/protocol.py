@@ -6,6 +6,7 @@ Unknown fields are accepted and ignored, as OpenAI clients send many (user, stor
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -52,6 +53,22 @@ def parse_body(body: bytes, model: type[BaseModel]) -> Any:
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "literal", "none"}
+
+
+def body_schema(model: type[BaseModel]) -> dict:
+    """openapi_extra for a route that parses its own body (parse_body): the model's JSON schema as the
+    request body of /openapi.json, nested models inlined."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(x):
+        if isinstance(x, dict):
+            if "$ref" in x:
+                return inline(defs[x["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in x.items()}
+        return [inline(v) for v in x] if isinstance(x, list) else x
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 # Bounds on the size of a request, checked while it is parsed, before any work: each costs the engine or the
 # renderer work per item (OpenAI allows 128 tools; Anthropic 100,000 messages).
@@ -148,35 +165,46 @@ class DetokenizeRequest(Body):
 
 
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    max_tokens_field: str = "max_tokens") -> SamplingParams:
+                    max_tokens_field: str = "max_tokens", logprobs_field: str = "logprobs") -> SamplingParams:
     """One sample's SamplingParams (n is the caller's: n samples with seeds seed, seed+1, ...).
-    max_tokens_field: the request field max_tokens came from, which an error about it names."""
+    max_tokens_field / logprobs_field: the request fields those came from, which an error about them names."""
     bias = None
     if req.logit_bias:
         try:  # JSON object keys are strings: "1234": -100
             bias = {int(k): v for k, v in req.logit_bias.items()}
         except ValueError:
-            raise bad_request(f"logit_bias keys must be token ids, got {list(req.logit_bias)!r}", "logit_bias") from None
+            raise bad_request("logit_bias keys must be token ids", "logit_bias") from None
     temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
     if req.do_sample is False:
         temperature = 0.0
-    kw = dict(temperature=temperature, top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p,
-              top_k=req.top_k or 0, min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
-              presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+    given = {name: getattr(req, name) for name in ("top_k", "min_p", "repetition_penalty", "presence_penalty",
+                                                  "frequency_penalty") if getattr(req, name) is not None}
+    kw = dict(temperature=temperature, top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p, **given,
               seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
               stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
               skip_special_tokens=req.skip_special_tokens,
               include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=bias)
     try:
         return SamplingParams(**kw)
-    except ValueError as e:  # SamplingParams names the field first: "max_tokens must be >= 1, got -1"
-        message = str(e)
-        field = message.split(" ", 1)[0]
-        if field == "max_tokens":  # say max_completion_tokens when that is what the client sent
-            field, message = max_tokens_field, max_tokens_field + message[len("max_tokens"):]
-        elif field not in kw:
-            field = None
-        raise bad_request(message, field) from None
+    except ValueError as e:
+        raise params_error(e, {"max_tokens": max_tokens_field, "logprobs": logprobs_field}) from None
+
+
+def params_error(e: ValueError, renamed: dict[str, str] | None = None) -> ApiError:
+    """A 400 for SamplingParams' or the engine's ValueError, which names the field first ("max_tokens must be
+    >= 1, got -1", "min_tokens=3 must be ..."): `param` is that field, as the request calls it (`renamed`)."""
+    message = str(e)
+    field = re.split(r"[ =]", message, maxsplit=1)[0]
+    if renamed and field in renamed:
+        message = renamed[field] + message[len(field):]
+        field = renamed[field]
+    return bad_request(message, field if field in _PARAM_FIELDS or renamed and field in renamed.values() else None)
+
+
+# Fields a SamplingParams or engine error may name (anything else is no request field: no param)
+_PARAM_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids", "logprobs",
+                 "n", "logit_bias", "prompt"}
 
 
 def samples(prompt: list[int], params: SamplingParams, n: int) -> list[tuple[list[int], SamplingParams]]:
