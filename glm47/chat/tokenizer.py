@@ -146,7 +146,8 @@ class Tokenizer:
         encoder = self._hf if allow_special else self._plain
         if len(text) < LONG_TEXT:
             return encoder.encode(text, add_special_tokens=False).ids
-        return encoder.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        batch = getattr(encoder, "encode_batch_fast", encoder.encode_batch)  # _fast (no offsets): tokenizers >= 0.20
+        return batch([text], add_special_tokens=False)[0].ids
 
     @functools.cached_property
     def max_token_bytes(self) -> int:
