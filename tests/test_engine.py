@@ -241,3 +241,40 @@ def test_prompt_logprobs_equal_transformers_through_chunks_cached_prefixes_and_p
             assert [[t for t, _ in top] for top in out.prompt_top_logprobs[1:]] == lp[:-1].topk(2).indices.tolist()
         assert eng.stats().prefix_cache_hits == 0 or "kv_cache_tokens" in options
     assert eng.stats().num_preemptions > 0
+
+
+def test_a_request_whose_sampling_raises_ends_alone_and_the_others_get_their_tokens(checkpoint, monkeypatch):
+    """A fault injected into one request's sampling (here: its seed) ends that request with finish_reason
+    'error' and frees its blocks; the others, greedy and seeded, get exactly the tokens of a run without it."""
+    import glm47.engine.llm_engine as module
+
+    model = checkpoint[2]
+    ps = prompts([5, 9, 14, 3], seed=7)
+    params = [GREEDY, SamplingParams(temperature=0.8, seed=11, max_tokens=12), GREEDY,
+              SamplingParams(temperature=0.8, seed=666, max_tokens=12)]
+    want = tokens(engine(model).generate(ps[:3], params[:3]))
+    real = module.sample
+
+    def faulty(logits, rows, *args, **kwargs):
+        if any(p.seed == 666 for p in rows):
+            raise RuntimeError("injected")
+        return real(logits, rows, *args, **kwargs)
+
+    monkeypatch.setattr(module, "sample", faulty)
+    e = engine(model)
+    got = e.generate(ps, params)
+    assert tokens(got[:3]) == want and [o.finish_reason for o in got[:3]] != ["error"] * 3
+    assert got[3].finish_reason == "error" and got[3].token_ids == []
+    assert not e.has_unfinished() and e.block_manager.num_free_blocks == e.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("params, words", [
+    (SamplingParams(stop_token_ids=[10**9], min_tokens=1), "stop_token_ids token id 1000000000 is not in"),
+    (SamplingParams(logit_bias={10**9: 1.0}), "logit_bias token id"),
+    (SamplingParams(min_tokens=50, max_tokens=None), "min_tokens=50 is more than the 37 tokens"),
+])
+def test_ids_outside_the_vocabulary_and_impossible_minimums_are_refused_at_admission(checkpoint, params, words):
+    e = engine(checkpoint[2], max_model_len=40)
+    with pytest.raises(ValueError, match=words):
+        e.add_request([1, 2, 3], params)
+    assert not e.has_unfinished()

@@ -246,10 +246,28 @@ def test_sampling_params_defaults_and_normalisation():
     ("seed", "42"), ("seed", 1.5), ("seed", 2**64), ("ignore_eos", "yes"), ("skip_special_tokens", None),
     ("include_stop_str_in_output", 1), ("logit_bias", [1, 2]), ("logit_bias", {"1": 5}), ("logit_bias", {1: 101}),
     ("logit_bias", {-1: 5}), ("logit_bias", {1: float("nan")}), ("prompt_logprobs", 21), ("prompt_logprobs", True),
+    # bounds: what a tensor can hold, and work per step kept small
+    ("top_k", 2**63), ("top_k", 2**31), ("n", 129), ("temperature", 10**400), ("logit_bias", {1: 10**400}),
+    ("stop", [f"s{i}" for i in range(65)]), ("stop", ["x" * 1025]), ("stop_token_ids", list(range(1025))),
+    ("logit_bias", {i: 1.0 for i in range(1025)}),
 ])
 def test_bad_sampling_param_raises_value_error_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_an_error_message_does_not_echo_a_huge_value():
+    with pytest.raises(ValueError) as e:
+        SamplingParams(stop=["x"] * 10 + [3] * 10)
+    with pytest.raises(ValueError) as big:
+        SamplingParams(seed="9" * 100_000)
+    assert len(str(e.value)) < 300 and len(str(big.value)) < 300
+
+
+def test_the_bounds_themselves_are_accepted():
+    p = SamplingParams(top_k=2**31 - 1, n=128, stop=["x" * 1024] * 64, stop_token_ids=list(range(1024)),
+                       logit_bias={i: -100 for i in range(1024)}, seed=2**64 - 1)
+    assert (p.top_k, len(p.stop), len(p.stop_token_ids), len(p.logit_bias)) == (2**31 - 1, 64, 1024, 1024)
 
 
 def test_min_tokens_above_max_tokens_is_rejected():

@@ -62,7 +62,7 @@ def served_ok(url: str, path: str = CHAT) -> bool:
 # ---- 1. values that reached the engine's step ----------------------------------------------------------
 ENGINE_KILLERS = [  # (path, fields, the field the 400 names)
     (CHAT, {"top_k": 2**63}, "top_k"), (COMPLETIONS, {"top_k": 2**63}, "top_k"), (MESSAGES, {"top_k": 2**63}, "top_k"),
-    (CHAT, {"top_k": -2}, "top_k"),
+    (CHAT, {"top_k": -2}, "top_k"), (CHAT, {"top_k": VOCAB + 1}, "top_k"),
     (CHAT, {"stop_token_ids": [99999999], "min_tokens": 2}, "stop_token_ids"),
     (COMPLETIONS, {"stop_token_ids": [VOCAB], "min_tokens": 1}, "stop_token_ids"),
     (CHAT, {"stop_token_ids": [-1]}, "stop_token_ids"),

@@ -138,6 +138,9 @@ class LLMEngine:
                     or not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad!r} is not in the vocabulary [0, {self.vocab_size})")
+        if params.top_k > self.vocab_size:
+            raise ValueError(f"top_k must be at most the vocabulary size {self.vocab_size} (0 or -1 = off), "
+                             f"got {params.top_k}")
         for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
             if ids and max(ids) >= self.vocab_size:
                 raise ValueError(f"{name} token id {max(ids)} is not in the vocabulary [0, {self.vocab_size})")

@@ -130,7 +130,7 @@ class AsyncEngine:
 
     async def submit(self, request_id: str, samples: list[tuple[list[int], SamplingParams]]) -> RequestHandle:
         """Adds one engine request per sample; all or none. Raises ValueError (the engine rejected one),
-        EngineOverloaded or EngineDead."""
+        RequestFailed, EngineOverloaded or EngineDead."""
         if self.dead:
             raise EngineDead(self.dead)
         if len(samples) > self.max_num_requests:
@@ -163,7 +163,7 @@ class AsyncEngine:
                 self.num_requests -= 1
             handle._queue.put_nowait(item)
 
-    def _added(self, handle: RequestHandle, done: asyncio.Future, error: ValueError | None) -> None:
+    def _added(self, handle: RequestHandle, done: asyncio.Future, error: Exception | None) -> None:
         if error is not None:  # counted here, not in submit(): its caller may be gone (cancelled)
             self.num_requests -= len(handle.request_ids)
             handle._open = 0
@@ -221,17 +221,21 @@ class AsyncEngine:
             self._abort(command[1], out)
         return kind == "stop"
 
-    def _add(self, handle: RequestHandle, samples, tracks) -> ValueError | None:
+    def _add(self, handle: RequestHandle, samples, tracks) -> Exception | None:
+        """None, or why the submission was refused: the engine's ValueError (a 400), or RequestFailed."""
         now = time.monotonic()
         added = []
         for k, ((prompt, params), track, rid) in enumerate(zip(samples, tracks, handle.request_ids)):
             try:
                 self.engine.add_request(prompt, params, request_id=rid)
-            except ValueError as e:
+            except Exception as e:
                 for r in added:  # all or none: a half-added submission would never be read
                     self.engine.abort(r)
                     del self._live[r]
-                return e
+                if isinstance(e, ValueError):
+                    return e
+                log.exception("adding request %s failed", rid)
+                return RequestFailed(f"the request could not be added: {type(e).__name__}: {e}")
             added.append(rid)
             self._live[rid] = _Live(k, handle, track, now)
             self.metrics.prompt_tokens.inc(len(prompt))

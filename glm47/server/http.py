@@ -29,6 +29,8 @@ log = logging.getLogger("glm47.server")
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 TRIM_AFTER_BYTES = 1 << 20  # bodies from this size on give their memory back when the request ends
 
+# An answer given before the body was read closes the connection: the rest of the body is never read.
+_CLOSE = {"Connection": "close"}
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
          b"connection: close\r\ncontent-length: %d\r\n\r\n%s")
 _BUSY_BODY = (b'{"error":{"message":"too many open connections; retry later","type":"overloaded_error",'
@@ -113,12 +115,14 @@ class Guard:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                raise ApiError(408, f"the request body did not arrive within {self.body_timeout:g} s") from None
+                raise ApiError(408, f"the request body did not arrive within {self.body_timeout:g} s",
+                               headers=_CLOSE) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 done = not message.get("more_body", False)
                 if seen > self.max_bytes:  # inside the handler's body read: the exception handlers answer
-                    raise ApiError(413, f"the request body is larger than the limit of {self.max_bytes} bytes")
+                    raise ApiError(413, f"the request body is larger than the limit of {self.max_bytes} bytes",
+                                   headers=_CLOSE)
             elif message["type"] == "http.disconnect":
                 done = True
                 if seen or headers.get(b"content-length", b"0") != b"0":

@@ -358,4 +358,4 @@ async def detokenize(request: Request) -> dict:
     bad = next((t for t in req.tokens if not 0 <= t < ctx.tokenizer.vocab_size), None)
     if bad is not None:
         raise bad_request(f"token id {bad} is not in the vocabulary [0, {ctx.tokenizer.vocab_size})", "tokens")
-    return {"prompt": ctx.tokenizer.decode(req.tokens)}
+    return {"prompt": await ctx.off_loop(ctx.tokenizer.decode, req.tokens)}
