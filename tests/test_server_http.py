@@ -81,6 +81,8 @@ def test_a_body_that_stops_arriving_gets_408(strict):
     reply = s.recv(65536)
     assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within" in reply
     assert b"timeout_error" in reply
+    s.sendall(b"more body that nobody reads")  # answered: the connection is closed, not kept waiting
+    assert closed_by_server(s)
 
 
 def test_connections_over_the_cap_get_503(tok):
