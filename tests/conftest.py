@@ -1,7 +1,11 @@
-"""Shared test fixtures: where the official reference files are, and a CPU-only torch setup."""
+"""Shared test fixtures: the official reference files (../shared/reference when beside the checkout, else the
+golden data derived from them in tests/golden), and a CPU-only torch setup."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -24,10 +28,75 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+# GLM47_UPDATE_GOLDEN=1 (with the reference files beside the checkout) rewrites tests/golden from them.
+UPDATE_GOLDEN = os.environ.get("GLM47_UPDATE_GOLDEN") == "1"
+
+
+def _golden(name: str, derive) -> object:
+    """Data derived from the official reference files, committed under tests/golden so that a clone alone
+    passes. When the reference files are beside the checkout, derive(REFERENCE_DIR) is computed too and must
+    equal the committed data (or replaces it with GLM47_UPDATE_GOLDEN=1)."""
+    path = GOLDEN_DIR / name
+    committed = json.loads(path.read_text()) if path.is_file() else None
+    if REFERENCE_DIR.is_dir():
+        fresh = json.loads(json.dumps(derive(REFERENCE_DIR)))  # as JSON stores it (tuples become lists)
+        if UPDATE_GOLDEN:
+            path.write_text(json.dumps(fresh, ensure_ascii=False, indent=1) + "\n")
+            return fresh
+        assert committed == fresh, f"{path} differs from what the reference files give: GLM47_UPDATE_GOLDEN=1"
+    assert committed is not None, f"{path} is missing: run the tests with GLM47_UPDATE_GOLDEN=1 beside the reference"
+    return committed
+
+
+class OfficialTemplate:
+    """Renderings of the official chat_template.jinja, for the tests that compare our renderer with it: rendered
+    from ../shared/reference when it is there (and checked against tests/golden/official_template.json), else
+    looked up there. A case not in the golden file fails: add it with GLM47_UPDATE_GOLDEN=1."""
+
+    def __init__(self):
+        self.path = GOLDEN_DIR / "official_template.json"
+        file = REFERENCE_DIR / "chat_template.jinja"
+        self.template = file.read_text() if file.is_file() else None  # None: the goldens alone
+        self.renderings = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.seen: dict[str, str] = {}
+
+    def __call__(self, messages, tools=None, **kw) -> str:
+        from glm47.chat.template import render_with_jinja
+
+        key = hashlib.sha256(json.dumps([messages, tools, kw], sort_keys=True, ensure_ascii=False).encode()
+                             ).hexdigest()[:16]
+        if self.template is None:
+            assert key in self.renderings, f"no golden rendering of this case in {self.path}"
+            return self.renderings[key]
+        out = render_with_jinja(self.template, messages, tools, **kw)
+        if not UPDATE_GOLDEN:
+            assert self.renderings.get(key) == out, f"{self.path}: stale or missing case: GLM47_UPDATE_GOLDEN=1"
+        self.seen[key] = out
+        return out
+
+    def save(self) -> None:
+        if UPDATE_GOLDEN and self.template is not None:
+            self.path.write_text(json.dumps(dict(sorted(self.seen.items())), ensure_ascii=False, indent=0) + "\n")
+
+
 @pytest.fixture(scope="session")
-def reference_dir() -> Path:
-    assert REFERENCE_DIR.is_dir(), f"official reference files not found at {REFERENCE_DIR}"
-    return REFERENCE_DIR
+def golden():
+    """golden(name, derive): see _golden."""
+    return _golden
+
+
+@pytest.fixture(scope="session")
+def reference_or_none() -> Path | None:
+    """The official reference files' folder when it is beside the checkout, else None."""
+    return REFERENCE_DIR if REFERENCE_DIR.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def official_template():
+    renderer = OfficialTemplate()
+    yield renderer
+    renderer.save()
 
 
 def pytest_collection_modifyitems(config, items):

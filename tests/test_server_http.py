@@ -43,11 +43,11 @@ def connect(url: str) -> socket.socket:
 
 
 def closed_by_server(s: socket.socket) -> bool:
-    """True once the server closed the connection (what it sent before, if anything, is read first)."""
+    """True once the server closed the connection (whatever it sent before is read and dropped), False if it
+    is still open after 5 s."""
     try:
-        while data := s.recv(65536):
-            if b"HTTP/1.1" not in data:
-                return False
+        while s.recv(65536):
+            pass
         return True
     except ConnectionResetError:
         return True
@@ -69,29 +69,36 @@ def test_idle_and_half_sent_connections_are_closed_after_their_timeouts(strict):
         for s in dripping:
             s.sendall(b"X")
     start = time.monotonic()
-    assert all(closed_by_server(s) for s in idle + dripping + [kept_alive])
+    states = {name: [closed_by_server(s) for s in group] for name, group in
+              (("idle", idle), ("dripping", dripping), ("kept alive", [kept_alive]))}
+    assert all(all(v) for v in states.values()), {k: v.count(False) for k, v in states.items()}
     assert time.monotonic() - start < 3.0
     assert httpx.get(url + "/health").status_code == 200
 
 
-def test_a_body_that_stops_arriving_gets_408(strict):
+def test_a_body_that_stops_arriving_gets_408_and_its_connection_closed(strict):
     s = connect(strict)
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
               b"Content-Length: 500\r\n\r\n" + BODY[:20])
-    reply = s.recv(65536)
+    reply = b""
+    while data := s.recv(65536):  # to the end: the server closes it (the rest of the body is never read)
+        reply += data
     assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within" in reply
     assert b"timeout_error" in reply
-    s.sendall(b"more body that nobody reads")  # answered: the connection is closed, not kept waiting
-    assert closed_by_server(s)
 
 
 def test_connections_over_the_cap_get_503(tok):
     config = ServerConfig(max_connections=20)
     with running(create_app(ScriptedEngine(tok, script), tok, config)) as url:
         held = [connect(url) for _ in range(20)]
-        time.sleep(0.1)
-        extra = connect(url)
-        reply = extra.recv(4096)
+        for _ in range(50):  # once the server has taken all 20 (it may lag behind the client on a busy machine)
+            extra = connect(url)
+            extra.settimeout(0.2)
+            try:
+                reply = extra.recv(4096)
+                break
+            except TimeoutError:  # taken: not all of the others were yet
+                extra.close()
         assert reply.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in reply.lower()
         for s in held:
             s.close()
@@ -106,7 +113,10 @@ def test_a_client_hanging_up_mid_upload_logs_one_line(strict, caplog):
                   b"Content-Length: 100000\r\n\r\n" + b'{"messages": [' + b" " * 5000)
         time.sleep(0.2)
         s.close()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 5
+        while not any("hung up" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # anything else it would log (a traceback) comes with it
     records = [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith(("glm47", "uvicorn"))]
     assert [r.getMessage() for r in records] == ["POST /v1/chat/completions: the client hung up during the upload"]
     assert all(r.exc_info is None for r in caplog.records)

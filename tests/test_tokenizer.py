@@ -3,6 +3,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -54,10 +55,14 @@ def varied_corpus(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def test_added_token_table_is_the_official_one(reference_dir):
-    config = json.loads((reference_dir / "tokenizer_config.json").read_text())
-    official = [(int(i), t["content"], t["special"]) for i, t in config["added_tokens_decoder"].items()]
-    assert list(ADDED_TOKENS) == official
+def official_added_tokens(reference: Path) -> list[list]:
+    config = json.loads((reference / "tokenizer_config.json").read_text())
+    return [[int(i), t["content"], t["special"]] for i, t in config["added_tokens_decoder"].items()]
+
+
+def test_added_token_table_is_the_official_one(golden):
+    official = golden("added_tokens.json", official_added_tokens)
+    assert [list(t) for t in ADDED_TOKENS] == official
     assert len(ADDED_TOKENS) == 36 and ADDED_TOKENS[0][0] == 151329 and ADDED_TOKENS[-1][0] == 151364
 
 
