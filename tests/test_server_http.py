@@ -148,3 +148,5 @@ def test_a_loopback_server_answers_only_requests_addressed_to_loopback(tok):
         for host in (f"evil.example:{port}", "attacker.com", f"localhost.evil.example:{port}"):
             r = httpx.post(url + CHAT, content=BODY, headers={"host": host, "content-type": "application/json"})
             assert r.status_code == 403 and "Host" in r.json()["error"]["message"], host
+    with running(create_app(ScriptedEngine(tok, script), tok, ServerConfig(allowed_hosts=frozenset("*")))) as url:
+        assert httpx.get(url + "/health", headers={"host": "proxy.example"}).status_code == 200

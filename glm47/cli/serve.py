@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-requests", type=int, default=1024,
                    help="requests queued or running before new ones get 503 + Retry-After")
     p.add_argument("--max-request-bytes", type=int, default=32 * 2**20, help="larger bodies get 413")
+    p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                   help="Host header names requests may use, '*' for any (default: localhost names when bound "
+                        "to loopback without --api-key, else any), e.g. behind a reverse proxy")
     p.add_argument("--preserve-thinking", action="store_true",
                    help="keep every turn's reasoning in the prompt unless a request says clear_thinking")
     p.add_argument("--drain-timeout", type=float, default=60.0,
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         options["max_num_batched_tokens"] = max(2048, options["max_num_seqs"])
     config = ServerConfig(served_model_names=args.served_model_name or [DEFAULT_MODEL_NAME], api_key=args.api_key,
                           max_request_bytes=args.max_request_bytes, max_num_requests=args.max_num_requests,
-                          clear_thinking=not args.preserve_thinking)
+                          clear_thinking=not args.preserve_thinking,
+                          allowed_hosts=None if args.allowed_hosts is None else frozenset(args.allowed_hosts))
     engine = LLMEngine.from_path(model, dtype=getattr(torch, args.dtype), device=device, **options)
     tokenizer = Tokenizer.from_dir(model)
     print(f"glm47 serve: {model} as {', '.join(config.served_model_names)} on http://{args.host}:{args.port} "

@@ -37,8 +37,8 @@ class ServerConfig:
     body_timeout_seconds: float = 60.0
     idle_timeout_seconds: float = 5.0
     max_connections: int = 4096
-    # Host names a request may be addressed to (None: any). serve() sets the loopback names when it binds
-    # loopback without an API key, so that a web page cannot reach it by DNS rebinding.
+    # Host names a request may be addressed to ("*": any). None: serve() picks the loopback names when it
+    # binds loopback without an API key (so that a web page cannot reach it by DNS rebinding), else any.
     allowed_hosts: frozenset[str] | None = None
     # Prompts are rendered and tokenized off the event loop, this many at once.
     max_concurrent_tokenize: int = 2

@@ -139,9 +139,10 @@ class Guard:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return ApiError(413, f"the request body is larger than the limit of {self.max_bytes} bytes")
-        if self.allowed_hosts is not None and _hostname(headers.get(b"host", b"")) not in self.allowed_hosts:
-            return ApiError(403, "this server listens on loopback without an API key and answers only requests "
-                                 f"addressed to {', '.join(sorted(self.allowed_hosts))} (Host header)")
+        hosts = self.allowed_hosts
+        if hosts is not None and "*" not in hosts and _hostname(headers.get(b"host", b"")) not in hosts:
+            return ApiError(403, f"this server answers only requests addressed to {', '.join(sorted(hosts))} "
+                                 "(Host header; glm47 serve --allowed-hosts)")
         if self.require_json and scope["method"] == "POST":
             media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if media != b"application/json":
