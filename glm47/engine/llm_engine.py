@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from glm47 import kernels
 from glm47.checkpoint.loader import load_model
 from glm47.engine.block_manager import BlockManager
 from glm47.engine.config import EngineConfig
@@ -97,6 +98,8 @@ class LLMEngine:
         if config.num_speculative_tokens and not model.has_mtp:
             raise ValueError(f"num_speculative_tokens={config.num_speculative_tokens} drafts with the checkpoint's "
                              f"MTP layer (model.layers.{mc.num_hidden_layers}.*), and this model has none")
+        if device.type == "cpu" and model.lm_head.weight.dtype == torch.bfloat16 and kernels.enabled():
+            kernels.extension()  # built (or loaded from cache) now: not by the first request, after /health says ok
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
