@@ -252,8 +252,9 @@ def test_sampling_params_defaults_and_normalisation():
     ("logit_bias", {i: 1.0 for i in range(1025)}),
 ])
 def test_bad_sampling_param_raises_value_error_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field) as e:
         SamplingParams(**{field: value})
+    assert e.value.field == field  # a ParamError: a server names the field without reading the message
 
 
 def test_an_error_message_does_not_echo_a_huge_value():

@@ -21,7 +21,7 @@ from glm47.checkpoint.loader import load_model
 from glm47.engine.block_manager import BlockManager
 from glm47.engine.config import EngineConfig
 from glm47.engine.model_runner import ModelRunner, StepResult, num_kv_blocks
-from glm47.engine.sampling import SampleOutput, SamplingParams, sample
+from glm47.engine.sampling import ParamError, SampleOutput, SamplingParams, sample
 from glm47.engine.scheduler import ScheduledBatch, Scheduler
 from glm47.engine.sequence import Sequence
 
@@ -140,13 +140,14 @@ class LLMEngine:
         bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int)
                     or not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise ValueError(f"prompt token id {bad!r} is not in the vocabulary [0, {self.vocab_size})")
+            raise ParamError("prompt", f"prompt token id {bad!r} is not in the vocabulary [0, {self.vocab_size})")
         if params.top_k > self.vocab_size:
-            raise ValueError(f"top_k must be at most the vocabulary size {self.vocab_size} (0 or -1 = off), "
-                             f"got {params.top_k}")
+            raise ParamError("top_k", f"top_k must be at most the vocabulary size {self.vocab_size} "
+                                      f"(0 or -1 = off), got {params.top_k}")
         for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
             if ids and max(ids) >= self.vocab_size:
-                raise ValueError(f"{name} token id {max(ids)} is not in the vocabulary [0, {self.vocab_size})")
+                raise ParamError(name, f"{name} token id {max(ids)} is not in the vocabulary "
+                                       f"[0, {self.vocab_size})")
         if params.n != 1:
             raise ValueError(f"n={params.n}: the engine runs one sequence per request; add n requests instead")
         limit = min(self.max_model_len, self.pool_tokens)
@@ -156,8 +157,8 @@ class LLMEngine:
         if len(prompt) + max(max_tokens, 1) > limit:
             raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} exceeds {what}")
         if params.min_tokens > max_tokens:
-            raise ValueError(f"min_tokens={params.min_tokens} is more than the {max_tokens} tokens this request "
-                             f"can generate")
+            raise ParamError("min_tokens", f"min_tokens={params.min_tokens} is more than the {max_tokens} tokens this "
+                                           f"request can generate")
         stop = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         generator = None
         if params.seed is not None:

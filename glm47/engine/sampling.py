@@ -26,6 +26,15 @@ MAX_N = 128
 _TOP_P_SLACK = 1e-6
 
 
+class ParamError(ValueError):
+    """A request value out of range; `field` names it (a SamplingParams field, or "prompt"), so that a server can
+    say which field of its request it was without reading the message."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """One request's decoding settings. Defaults are vLLM's; the server swaps in GLM-4.7's recommended
@@ -63,33 +72,37 @@ class SamplingParams:
                 continue
             value = kind(name, value)
             if not ok(value):
-                raise ValueError(f"{name} must be {rule}, got {_short(value)}")
+                raise ParamError(name, f"{name} must be {rule}, got {_short(value)}")
             setattr(self, name, value)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
+            raise ParamError("min_tokens", f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
             self.stop = _list("stop", self.stop, MAX_STOP_STRINGS)
             if not all(isinstance(s, str) and s for s in self.stop):
-                raise ValueError(f"stop must be a list of non-empty strings, got {_short(self.stop)}")
+                raise ParamError("stop", f"stop must be a list of non-empty strings, got {_short(self.stop)}")
             if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
-                raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters long")
+                raise ParamError("stop", f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters long")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
-                raise ValueError(f"logit_bias must be a mapping of token ids to biases, got {_short(self.logit_bias)}")
+                raise ParamError("logit_bias", f"logit_bias must be a mapping of token ids to biases, got "
+                                               f"{_short(self.logit_bias)}")
             if len(self.logit_bias) > MAX_LOGIT_BIAS:
-                raise ValueError(f"logit_bias must have at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
+                raise ParamError("logit_bias", f"logit_bias must have at most {MAX_LOGIT_BIAS} entries, got "
+                                               f"{len(self.logit_bias)}")
             bias = {_int("logit_bias token id", t): _real("logit_bias value", v) for t, v in self.logit_bias.items()}
             bad = next(((t, v) for t, v in bias.items() if t < 0 or not -100 <= v <= 100), None)
             if bad is not None:
-                raise ValueError(f"logit_bias must map token ids >= 0 to biases in [-100, 100], got {bad[0]}: {bad[1]}")
+                raise ParamError("logit_bias", f"logit_bias must map token ids >= 0 to biases in [-100, 100], got "
+                                               f"{bad[0]}: {bad[1]}")
             self.logit_bias = bias or None
         if self.stop_token_ids is not None:
             ids = _list("stop_token_ids", self.stop_token_ids, MAX_STOP_TOKEN_IDS)
             self.stop_token_ids = [_int("stop_token_ids", t) for t in ids]
             if any(t < 0 for t in self.stop_token_ids):
-                raise ValueError(f"stop_token_ids must be token ids >= 0, got {_short(self.stop_token_ids)}")
+                raise ParamError("stop_token_ids", f"stop_token_ids must be token ids >= 0, got "
+                                                   f"{_short(self.stop_token_ids)}")
 
     @property
     def greedy(self) -> bool:
@@ -99,28 +112,32 @@ class SamplingParams:
 def _real(name: str, value) -> float:
     # bool is an int subclass; temperature=True is a client bug, not 1.0
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"{name} must be a finite number, got {_short(value)}")
+        raise ParamError(_field(name), f"{name} must be a finite number, got {_short(value)}")
     try:
         value = float(value)  # an integer of 400 digits overflows
     except OverflowError:
         value = math.inf
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {_short(value)}")
+        raise ParamError(_field(name), f"{name} must be a finite number, got {_short(value)}")
     return value
 
 
 def _int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer, got {_short(value)}")
+        raise ParamError(_field(name), f"{name} must be an integer, got {_short(value)}")
     return int(value)
 
 
 def _list(name: str, value, max_len: int) -> list:
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{name} must be a list, got {_short(value)}")
+        raise ParamError(name, f"{name} must be a list, got {_short(value)}")
     if len(value) > max_len:
-        raise ValueError(f"{name} must have at most {max_len} items, got {len(value)}")
+        raise ParamError(name, f"{name} must have at most {max_len} items, got {len(value)}")
     return list(value)
+
+
+def _field(name: str) -> str:
+    return name.split(" ", 1)[0]  # "logit_bias token id" -> "logit_bias"
 
 
 def _short(value, limit: int = 200) -> str:
@@ -131,7 +148,7 @@ def _short(value, limit: int = 200) -> str:
 
 def _bool(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        raise ParamError(name, f"{name} must be true or false, got {_short(value)}")
     return value
 
 

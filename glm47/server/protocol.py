@@ -6,7 +6,6 @@ Unknown fields are accepted and ignored, as OpenAI clients send many (user, stor
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -191,20 +190,14 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
 
 
 def params_error(e: ValueError, renamed: dict[str, str] | None = None) -> ApiError:
-    """A 400 for SamplingParams' or the engine's ValueError, which names the field first ("max_tokens must be
-    >= 1, got -1", "min_tokens=3 must be ..."): `param` is that field, as the request calls it (`renamed`)."""
-    message = str(e)
-    field = re.split(r"[ =]", message, maxsplit=1)[0]
-    if renamed and field in renamed:
-        message = renamed[field] + message[len(field):]
+    """A 400 for SamplingParams' or the engine's ValueError. A ParamError names its field, which becomes
+    `param` as the request calls it (`renamed`: SamplingParams' name -> the request's), in the message too."""
+    message, field = str(e), getattr(e, "field", None)
+    if field is not None and renamed and field in renamed:
+        if message.startswith(field):
+            message = renamed[field] + message[len(field):]
         field = renamed[field]
-    return bad_request(message, field if field in _PARAM_FIELDS or renamed and field in renamed.values() else None)
-
-
-# Fields a SamplingParams or engine error may name (anything else is no request field: no param)
-_PARAM_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids", "logprobs",
-                 "n", "logit_bias", "prompt"}
+    return bad_request(message, field)
 
 
 def samples(prompt: list[int], params: SamplingParams, n: int) -> list[tuple[list[int], SamplingParams]]:
