@@ -20,6 +20,7 @@ from glm47.checkpoint.safetensors_io import DTYPES, TensorInfo, list_tensors, re
 from glm47.checkpoint.spec import model_tensors, official_keys, tensor_view
 from glm47.config import ModelConfig
 from glm47.model.glm4_moe import Glm4MoeForCausalLM
+from glm47.model.memory import anon_huge_bytes, rehome
 
 log = logging.getLogger("glm47")
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -70,7 +71,12 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = torch.bfloat1
         model = Glm4MoeForCausalLM(config, mtp=has_mtp, mtp_own_embed=own_embed and has_mtp,
                                    mtp_own_head=own_head and has_mtp)
     model = model.to(dtype).to_empty(device=device)
+    huge = rehome(model, copy=False) if torch.device(device).type == "cpu" else 0
     load_weights(model, infos, path, progress)
+    if huge:
+        got = anon_huge_bytes()
+        log.info("weights on huge pages: %s of %.2f GB (GLM47_HUGE_PAGES=0 turns them off)",
+                 "unknown" if got is None else f"{min(got, huge) / 1e9:.2f} GB", huge / 1e9)
     return model.eval()
 
 

@@ -28,6 +28,9 @@ class EngineConfig:
     # tokens; sampled: the same distribution). 1 is what vLLM and SGLang run GLM-4.x with; more chain the MTP
     # layer on its own output, which it was not trained for, so later drafts are accepted less often.
     num_speculative_tokens: int = 0
+    # On CPU, decode steps run on the cores other processes leave free (glm47/engine/threads.py): a busy machine
+    # slows decoding in proportion instead of stalling every parallel region. Never changes results.
+    adaptive_threads: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

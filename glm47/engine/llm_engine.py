@@ -24,6 +24,7 @@ from glm47.engine.model_runner import ModelRunner, StepResult, num_kv_blocks
 from glm47.engine.sampling import ParamError, SampleOutput, SamplingParams, sample
 from glm47.engine.scheduler import ScheduledBatch, Scheduler
 from glm47.engine.sequence import Sequence
+from glm47.engine.threads import ThreadGovernor
 
 log = logging.getLogger("glm47.engine")
 
@@ -101,6 +102,8 @@ class LLMEngine:
         if device.type == "cpu" and model.lm_head.weight.dtype == torch.bfloat16 and kernels.enabled():
             kernels.extension()  # built (or loaded from cache) now: not by the first request, after /health says ok
         self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.threads = ThreadGovernor(max_rows=kernels.LINEAR_MAX_ROWS,
+                                      enabled=config.adaptive_threads and device.type == "cpu")
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.pool_tokens = num_blocks * config.block_size
@@ -190,6 +193,9 @@ class LLMEngine:
             # Admission checks guarantee a lone request fits the pool, so an idle step with work left is a bug.
             assert not self.scheduler.has_unfinished(), "scheduler made no progress with requests left"
             return outputs
+        threads = self.threads.threads_for(sum(batch.num_tokens))
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         spec = self.config.num_speculative_tokens
         result = self.runner.run(batch.seqs, batch.num_tokens, return_hidden=bool(spec))
         self._count(batch)

@@ -9,7 +9,6 @@ prefill chunk as its own SDPA. Knows block tables, not sequences (model_runner b
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from glm47 import kernels
 from glm47.model.kv_cache import sdpa
+from glm47.model.memory import huge_buffer
 
 
 class KVPool:
@@ -27,11 +27,11 @@ class KVPool:
         shape = (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         device = torch.device(device)
         if device.type == "cpu":
-            # Anonymous mmap: zero-filled by the OS and resident only once touched, so a large pool costs
-            # RAM as it fills, and never-written slots are 0 (not NaN: padded keys are read, then masked).
+            # Anonymous mmap (on huge pages where the OS gives them): zero-filled by the OS and resident only
+            # once touched, so a large pool costs RAM as it fills, and never-written slots are 0 (not NaN:
+            # padded keys are read, then masked).
             numel = torch.Size(shape).numel()
-            self._buffer = mmap.mmap(-1, max(numel * dtype.itemsize, 1))
-            kv = torch.frombuffer(self._buffer, dtype=dtype, count=numel).view(shape)
+            kv = huge_buffer(numel * dtype.itemsize).view(dtype).view(shape)
         else:
             kv = torch.zeros(shape, dtype=dtype, device=device)
         self.k, self.v = kv[0], kv[1]  # (layers, num_blocks, block_size, Hkv, D)
