@@ -22,8 +22,8 @@ import time
 import psutil
 import torch
 
-from glm47.bench import (active_weight_bytes, greedy, measure_bandwidth, measure_bf16_flops, prefill_flops,
-                         prefix_cache_ttft, random_prompt, run)
+from glm47.bench import (active_weight_bytes, cpu_report, greedy, measure_bandwidth, measure_bf16_flops,
+                         prefill_flops, prefix_cache_ttft, random_prompt, run)
 from glm47.checkpoint.loader import load_model
 from glm47.checkpoint.writer import init_checkpoint
 from glm47.config import preset
@@ -106,6 +106,7 @@ def main() -> None:
         bw = measure_bandwidth()
         print(f"read bandwidth (torch.sum of 1 GiB, median of 7): {bw / 1e9:.1f} GB/s; {torch.get_num_threads()} "
               f"threads; each figure is the best of {args.repeat} runs, glm47 and transformers taking turns")
+        print(cpu_report(model))
 
         def best(ours, theirs) -> tuple[float, float]:
             """Seconds: the best of `repeat` runs of each, alternating, so that both see the same machine."""

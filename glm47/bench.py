@@ -123,3 +123,16 @@ def prefix_cache_ttft(engine: LLMEngine, history: int, new: int, seed: int = 0) 
     before = engine.stats().prompt_tokens_computed
     t = run(engine, [second], greedy(1))
     return t.ttft, engine.stats().prompt_tokens_computed - before
+
+
+def cpu_report(model) -> str:
+    """One line on what the CPU runs with: threads, OpenMP's wait policy, weights on huge pages."""
+    from glm47.engine.threads import wait_policy
+    from glm47.model.memory import anon_huge_bytes, huge_pages_enabled
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    got = anon_huge_bytes()
+    huge = ("off" if not huge_pages_enabled() else "unknown" if got is None else
+            f"{min(got, weights) / 1e9:.2f} of {weights / 1e9:.2f} GB of weights")
+    return (f"cpu: {torch.get_num_threads()} threads (decode steps: fewer while other processes use cores), "
+            f"OpenMP wait policy {wait_policy()}, huge pages {huge}")

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from glm47.bench import active_weight_bytes, greedy, measure_bandwidth, prefix_cache_ttft, random_prompt, run
+    from glm47.bench import (active_weight_bytes, cpu_report, greedy, measure_bandwidth, prefix_cache_ttft,
+                             random_prompt, run)
     from glm47.checkpoint.loader import load_model
     from glm47.checkpoint.writer import init_checkpoint
     from glm47.config import preset
@@ -47,6 +48,7 @@ def run_bench(args: argparse.Namespace) -> int:
     def engine(**kw) -> LLMEngine:
         return LLMEngine(model, EngineConfig(kv_cache_tokens=args.kv_cache_tokens, **kw))
 
+    print(cpu_report(model))
     with torch.inference_mode():
         t = run(engine(), [random_prompt(64, V, 1)], greedy(args.decode_tokens))
         bw = measure_bandwidth()
