@@ -11,7 +11,7 @@ from pydantic import Field
 
 from glm47.engine.sampling import SamplingParams
 from glm47.server.protocol import (DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_MESSAGES, MAX_TOOLS, ApiError, Body,
-                                   bad_request, params_error)
+                                   bad_request, order_tool_results, params_error)
 
 # Claude Code prepends a system block whose hash changes every request; it would defeat the prefix cache.
 BILLING_HEADER = "x-anthropic-billing-header"
@@ -59,7 +59,7 @@ def to_chat(req: CountTokensRequest) -> tuple[list[dict], list[dict] | None, boo
     if system:
         messages.insert(0, {"role": "system", "content": "\n\n".join(system)})
     enable = req.thinking is None or req.thinking.type != "disabled"  # GLM-4.7 thinks unless told not to
-    return messages, _tools(req.tools, req.tool_choice), enable
+    return order_tool_results(messages), _tools(req.tools, req.tool_choice), enable
 
 
 def sampling_params(req: MessagesRequest) -> SamplingParams:

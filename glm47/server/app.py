@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from glm47.chat import PromptTooLong, Tokenizer
-from glm47.server import anthropic_api, openai_api
+from glm47.server import anthropic_api, openai_api, responses_api
 from glm47.server.async_engine import GenerationError
 from glm47.server.context import ServerConfig, ServerContext
 from glm47.server.http import LOOPBACK_HOSTS, Guard, guarded_h11, raise_open_files_limit
@@ -89,6 +89,7 @@ def create_app(engine, tokenizer: Tokenizer, config: ServerConfig | None = None)
     auth = [Depends(require_api_key)]
     app.include_router(openai_api.router, dependencies=auth)
     app.include_router(anthropic_api.router, dependencies=auth)
+    app.include_router(responses_api.router, dependencies=auth)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -96,7 +97,11 @@ def create_app(engine, tokenizer: Tokenizer, config: ServerConfig | None = None)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:  # unknown route, wrong method
-        return error_response(request.url.path, ApiError(e.status_code, str(e.detail), headers=e.headers))
+        message = str(e.detail)
+        if e.status_code == 404:
+            routes = sorted(f"{m.upper()} {path}" for path, ops in app.openapi()["paths"].items() for m in ops)
+            message = f"no route {request.method} {request.url.path}; this server serves: {', '.join(routes)}"
+        return error_response(request.url.path, ApiError(e.status_code, message, headers=e.headers))
 
     @app.exception_handler(GenerationError)
     async def generation_error(request: Request, e: GenerationError) -> JSONResponse:

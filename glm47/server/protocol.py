@@ -247,7 +247,7 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     raise bad_request(f"messages[{i}].content[{j}]: only text parts are supported by this model, "
                                       f"got {part.get('type')!r}", f"messages[{i}].content[{j}]")
         out.append(m)
-    return out
+    return order_tool_results(out)
 
 
 def chat_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict | None) -> list[dict] | None:
@@ -266,6 +266,27 @@ def chat_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict | Non
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise bad_request(f"tools[{i}].function.name must be a non-empty string", f"tools[{i}].function.name")
     return tools
+
+
+def order_tool_results(messages: list[dict]) -> list[dict]:
+    """Each run of tool messages after an assistant message with tool calls, put in the order of its calls.
+    GLM-4.7's format has no call ids: the model pairs the n-th result with the n-th call, and clients send
+    parallel results in the order they finished (Claude Code sent [Read, Bash] for [Bash, Read])."""
+    out, order = [], {}
+    for m in messages:
+        if m.get("role") == "tool":
+            run = len(out)
+            while run and out[run - 1].get("role") == "tool":
+                run -= 1
+            out.append(m)
+            tail = out[run:]
+            out[run:] = sorted(tail, key=lambda t: order.get(t.get("tool_call_id"), len(order)))
+            continue
+        out.append(m)
+        if m.get("role") == "assistant":
+            calls = m.get("tool_calls") or []
+            order = {c.get("id"): k for k, c in enumerate(calls) if isinstance(c, dict) and c.get("id")}
+    return out
 
 
 def check_response_format(response_format: dict[str, Any] | None) -> None:
