@@ -139,3 +139,26 @@ def test_an_unknown_route_is_a_404_naming_it_and_the_routes_there_are(served):
     message = r.json()["error"]["message"]
     assert r.status_code == 404 and "POST /v1/embeddings" in message
     assert "POST /v1/responses" in message and "POST /v1/chat/completions" in message
+
+
+def test_claude_codes_keep_all_thinking_edit_keeps_earlier_turns_reasoning(served, tok):
+    url, engine = served
+    msgs = [{"role": "user", "content": "first"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "EARLY REASONING", "signature": "s"},
+                                              {"type": "text", "text": "one"}]},
+            {"role": "user", "content": "second"}]
+    client = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0)
+    client.messages.create(model="glm-4.7", max_tokens=3, messages=msgs)
+    assert "EARLY REASONING" not in tok.decode(engine.prompts[-1])  # the default: earlier turns' reasoning dropped
+    keep = {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}
+    client.messages.create(model="glm-4.7", max_tokens=3, messages=msgs, extra_body={"context_management": keep})
+    assert "EARLY REASONING" in tok.decode(engine.prompts[-1])
+    counted = client.messages.count_tokens(model="glm-4.7", messages=msgs, extra_body={"context_management": keep})
+    assert counted.input_tokens == len(engine.prompts[-1])
+
+
+def test_anthropic_json_output_is_a_clear_400_until_constrained_decoding(served):
+    r = httpx.post(served[0] + "/v1/messages", json={
+        "model": "glm-4.7", "max_tokens": 5, "messages": [{"role": "user", "content": "title?"}],
+        "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}})
+    assert r.status_code == 400 and r.json()["type"] == "error" and "output_config.format" in r.text

@@ -32,7 +32,7 @@ async def count_tokens(request: Request) -> dict:
     req: CountTokensRequest = parse_body(await request.body(), CountTokensRequest)
     ctx.model_name(req.model)
     messages, tools, enable_thinking = to_chat(req)
-    prompt = await ctx.render_chat(messages, tools, enable_thinking, ctx.config.clear_thinking)
+    prompt = await ctx.render_chat(messages, tools, enable_thinking, req.clear_thinking(ctx.config.clear_thinking))
     return {"input_tokens": len(prompt)}
 
 
@@ -41,9 +41,10 @@ async def create_message(request: Request):
     ctx: ServerContext = request.app.state.ctx
     req: MessagesRequest = parse_body(await request.body(), MessagesRequest)
     model = ctx.model_name(req.model)
+    req.check_output_config()
     messages, tools, enable_thinking = to_chat(req)
     params = sampling_params(req)
-    prompt = await ctx.render_chat(messages, tools, enable_thinking, ctx.config.clear_thinking)
+    prompt = await ctx.render_chat(messages, tools, enable_thinking, req.clear_thinking(ctx.config.clear_thinking))
     if error := context_error(len(prompt), req.max_tokens, ctx.limit):
         raise error
     handle = await ctx.submit("msg", [(prompt, params)])

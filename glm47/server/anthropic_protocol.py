@@ -29,6 +29,21 @@ class CountTokensRequest(Body):
     tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: dict[str, Any] | None = None
     thinking: Thinking | None = None
+    context_management: dict[str, Any] | None = None  # Claude Code: clear_thinking_* edits (keep: "all")
+    output_config: dict[str, Any] | None = None  # format: a JSON schema for the reply (needs constrained decoding)
+
+    def clear_thinking(self, default: bool) -> bool:
+        """False when a clear_thinking edit says keep "all" (every turn's reasoning stays in the prompt:
+        preserved thinking); otherwise the server's default."""
+        edits = (self.context_management or {}).get("edits") or []
+        keep_all = any(isinstance(e, dict) and str(e.get("type", "")).startswith("clear_thinking")
+                       and e.get("keep") == "all" for e in edits)
+        return False if keep_all else default
+
+    def check_output_config(self) -> None:
+        if (self.output_config or {}).get("format") is not None:
+            raise bad_request("output_config.format (JSON output) needs constrained decoding, which this server "
+                              "does not have yet", "output_config.format")
 
 
 class MessagesRequest(CountTokensRequest):
