@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from glm47.chat import PromptTooLong, Tokenizer
-from glm47.server import anthropic_api, openai_api, responses_api
+from glm47.server import anthropic_api, openai_api, responses_api, web
 from glm47.server.async_engine import GenerationError
 from glm47.server.context import ServerConfig, ServerContext
 from glm47.server.http import LOOPBACK_HOSTS, Guard, guarded_h11, raise_open_files_limit
@@ -90,6 +90,8 @@ def create_app(engine, tokenizer: Tokenizer, config: ServerConfig | None = None)
     app.include_router(openai_api.router, dependencies=auth)
     app.include_router(anthropic_api.router, dependencies=auth)
     app.include_router(responses_api.router, dependencies=auth)
+    app.include_router(web.router, dependencies=auth)
+    app.include_router(web.page)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -142,10 +144,6 @@ def create_app(engine, tokenizer: Tokenizer, config: ServerConfig | None = None)
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)
-
-    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
-    async def root() -> dict:  # Claude Code probes HEAD /
-        return {"name": "glm47", "models": ctx.config.served_model_names}
 
     return app
 
