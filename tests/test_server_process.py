@@ -127,3 +127,39 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(server):
     text = read(log)
     assert "Waiting for connections to close" in text  # uvicorn's drain did wait for this stream
     assert "Traceback" not in text
+
+
+def test_a_bf16_server_is_ready_only_once_its_kernels_are_loaded(tmp_path):
+    """The CPU kernels are built (or loaded from the cache) before uvicorn starts, so /health says ok only
+    once they are and the first request answers in normal time; the weights' huge pages are logged."""
+    from glm47.kernels import cpu_has_avx512_bf16
+    from glm47.model.memory import huge_pages_enabled
+
+    init_checkpoint(preset("tiny-glm47"), tmp_path, seed=0, std=0.5)
+    port = free_port()
+    with open(tmp_path / "serve.log", "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "glm47.cli.main", "serve", "--model", str(tmp_path), "--port",
+                                 str(port), "--dtype", "bfloat16", "--kv-cache-tokens", "1024"],
+                                stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                assert proc.poll() is None and time.monotonic() < deadline, read(log)
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            start = time.monotonic()
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 4}, timeout=60)
+            assert r.status_code == 200 and time.monotonic() - start < 10
+            text = read(log)
+            ready = text.index("Application startup complete")
+            if cpu_has_avx512_bf16():
+                assert -1 < text.find("glm47.kernels: loading the CPU kernels") < ready, text
+            if huge_pages_enabled():
+                assert -1 < text.find("weights on huge pages:") < ready, text
+        finally:
+            proc.kill()
+            proc.wait()

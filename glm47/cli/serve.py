@@ -5,6 +5,7 @@ a working demo with no download."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -56,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
     from glm47.server.app import serve
     from glm47.server.context import ServerConfig
 
+    # glm47's own log lines (kernels built, weights on huge pages, a request that failed) in uvicorn's style
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    logger = logging.getLogger("glm47")
+    logger.addHandler(handler)
+    logger.setLevel(args.log_level.upper())
+    logger.propagate = False
     model = Path(model_dir(args.model))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = {k: v for k, v in (("kv_cache_tokens", args.kv_cache_tokens), ("max_model_len", args.max_model_len),
