@@ -19,7 +19,8 @@ from glm47.server.anthropic_protocol import (CountTokensRequest, MessagesRequest
 from glm47.server.async_engine import GenerationError, RequestHandle
 from glm47.server.context import ServerContext, new_id
 from glm47.server.protocol import body_schema, parse_body
-from glm47.server.streaming import ChoiceState, abort_on_disconnect, outputs, sse, sse_response
+from glm47.server.streaming import (ChoiceState, abort_on_disconnect, outputs, parsed_reply, sse,
+                                    sse_response)
 
 router = APIRouter()
 PING = sse({"type": "ping"}, "ping")
@@ -69,10 +70,7 @@ class MessageReply:
         self.id = new_id("msg_")
 
     async def whole(self) -> dict:
-        async for out in outputs(self.handle, self.ctx.config.keepalive_seconds):
-            if out is not None:
-                self.st.feed(out)
-        parsed, reason = self.st.parsed()
+        parsed, reason = await parsed_reply(self.handle, self.st, self.ctx.config.keepalive_seconds)
         content = []
         if parsed.reasoning_content is not None:
             content.append({"type": "thinking", "thinking": parsed.reasoning_content, "signature": _signature()})

@@ -29,7 +29,8 @@ from glm47.server.context import ServerContext, new_id
 from glm47.server.protocol import (MAX_MESSAGES, MAX_TOOLS, Body, SamplingFields, bad_request, body_schema,
                                    chat_tools, context_error, order_tool_results, parse_body, samples,
                                    sampling_params)
-from glm47.server.streaming import ChoiceState, abort_on_disconnect, outputs, sse, sse_response
+from glm47.server.streaming import (ChoiceState, abort_on_disconnect, outputs, parsed_reply, sse,
+                                    sse_response)
 
 router = APIRouter()
 RESPONSES_KEPT = 256  # finished responses kept for previous_response_id (input + output items each)
@@ -227,10 +228,7 @@ class ResponseReply:
         return self.envelope(status, output)
 
     async def whole(self) -> dict:
-        async for out in outputs(self.handle, self.ctx.config.keepalive_seconds):
-            if out is not None:
-                self.st.feed(out)
-        parsed, _ = self.st.parsed()
+        parsed, _ = await parsed_reply(self.handle, self.st, self.ctx.config.keepalive_seconds)
         output = []
         if parsed.reasoning_content is not None:
             output.append(_reasoning_item(new_id("rs_"), parsed.reasoning_content))

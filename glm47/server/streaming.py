@@ -51,6 +51,14 @@ async def outputs(handle: RequestHandle, keepalive: float) -> AsyncIterator[Outp
             tick = time.monotonic() + keepalive
 
 
+async def parsed_reply(handle: RequestHandle, state: ChoiceState, keepalive: float) -> tuple[ParsedOutput, str | None]:
+    """A one-choice request's whole reply: every output fed to `state`, then parsed (see ChoiceState.parsed)."""
+    async for out in outputs(handle, keepalive):
+        if out is not None:
+            state.feed(out)
+    return state.parsed()
+
+
 @contextlib.asynccontextmanager
 async def abort_on_disconnect(request: Request, handle: RequestHandle):
     """For non-streaming answers: a client that hangs up stops its request (streams get this from
