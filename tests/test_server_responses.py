@@ -162,3 +162,20 @@ def test_anthropic_json_output_is_a_clear_400_until_constrained_decoding(served)
         "model": "glm-4.7", "max_tokens": 5, "messages": [{"role": "user", "content": "title?"}],
         "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}})
     assert r.status_code == 400 and r.json()["type"] == "error" and "output_config.format" in r.text
+
+
+def test_the_function_tools_of_a_namespace_are_offered_and_a_call_carries_its_namespace(tok):
+    """Codex 0.171 groups its sub-agent tools in a `namespace` tool."""
+    call = "Close it.</think><tool_call>close_agent<arg_key>target</arg_key><arg_value>a1</arg_value></tool_call>"
+    engine = ScriptedEngine(tok, call)
+    tools = [{"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.", "tools": [
+        {"type": "function", "name": "close_agent", "parameters": {
+            "type": "object", "properties": {"target": {"type": "string"}}, "required": ["target"]}}]}, WEATHER]
+    with running(create_app(engine, tok, ServerConfig())) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = client.responses.create(model="glm-4.7", input="close a1", tools=tools)
+        item = next(o for o in r.output if o.type == "function_call").model_dump()
+        assert item["name"] == "close_agent" and item["namespace"] == "multi_agent_v1"
+        assert json.loads(item["arguments"]) == {"target": "a1"}
+        prompt = tok.decode(engine.prompts[-1])
+        assert '"name": "close_agent"' in prompt and '"name": "get_weather"' in prompt

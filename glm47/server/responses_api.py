@@ -3,9 +3,10 @@
 Input items become GLM chat messages: `instructions` and system/developer messages the system prompt; user
 and assistant messages (input_text / output_text parts); a reasoning item, an assistant message and the
 function_call items after it one assistant turn (reasoning kept: preserved thinking); function_call_output
-items tool messages, in the order of their calls. Function tools are offered to the model; tools that run on
-OpenAI's side (web_search, file_search, code_interpreter, ...) are ignored, as the Anthropic route ignores
-server tools. The reply is the same chat generation, answered as output items (reasoning with its text as a
+items tool messages, in the order of their calls. Function tools are offered to the model, and so are the
+function tools of `namespace` groups (a call of one carries its namespace back); tools that run on OpenAI's
+side (web_search, file_search, code_interpreter, ...) are ignored, as the Anthropic route ignores server
+tools. The reply is the same chat generation, answered as output items (reasoning with its text as a
 summary, message, function_call) whole or as the Responses event stream: response.created, in_progress, per
 item output_item.added, reasoning_summary_part / _text deltas, content_part / output_text deltas,
 function_call_arguments delta + done, output_item.done, and response.completed (or .incomplete at
@@ -67,7 +68,7 @@ async def create_response(request: Request):
             raise bad_request(f"Previous response with id '{req.previous_response_id}' not found.",
                               "previous_response_id")
     items = history + _input_items(req.input)
-    tools = _tools(req.tools, req.tool_choice)
+    tools, namespaces = _tools(req.tools, req.tool_choice)
     thinking = req.reasoning is None or req.reasoning.effort not in ("none", "minimal")
     messages = to_messages(items, req.instructions)
     params = sampling_params(req, req.max_output_tokens, None, "max_output_tokens")
@@ -75,7 +76,7 @@ async def create_response(request: Request):
     if error := context_error(len(prompt), req.max_output_tokens, ctx.limit, "max_output_tokens", "input"):
         raise error
     handle = await ctx.submit("resp", samples(prompt, params, 1))
-    reply = ResponseReply(ctx, handle, model, tools, thinking, req, items, _kept(request))
+    reply = ResponseReply(ctx, handle, model, tools, thinking, req, items, _kept(request), namespaces)
     if req.stream:
         return sse_response(reply.stream())
     async with abort_on_disconnect(request, handle):
@@ -177,28 +178,44 @@ def to_messages(items: list[dict], instructions: str | None) -> list[dict]:
     return order_tool_results(messages)
 
 
-def _tools(tools: list[dict] | None, tool_choice: str | dict | None) -> list[dict] | None:
-    """Responses function tools ({type, name, description, parameters}) as chat tools."""
-    functions = []
+def _tools(tools: list[dict] | None, tool_choice: str | dict | None) -> tuple[list[dict] | None, dict[str, str]]:
+    """Responses function tools ({type, name, description, parameters}) as chat tools, with the function tools
+    of `namespace` groups (Codex sends its sub-agent tools so) among them; and each such function's namespace,
+    which a call of it carries back."""
+    functions, namespaces = [], {}
+
+    def add(tool: dict, namespace: str | None = None) -> None:
+        if any(f["function"].get("name") == tool.get("name") for f in functions):
+            return  # a namespaced function named like another one: the first stays
+        functions.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters")
+                                                           if k in tool}})
+        if namespace is not None:
+            namespaces[tool.get("name")] = namespace
+
     for i, tool in enumerate(tools or []):
         kind = tool.get("type")
         if kind in HOSTED_TOOLS:
             continue  # run on OpenAI's side: nothing here can call them
-        if kind != "function":
+        if kind == "namespace":
+            for inner in tool.get("tools") or []:
+                if isinstance(inner, dict) and inner.get("type") == "function":
+                    add(inner, tool.get("name"))
+        elif kind == "function":
+            add(tool)
+        else:
             raise bad_request(f"tools[{i}]: tools of type {kind!r} are not supported (function tools are)",
                               f"tools[{i}].type")
-        fn = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
-        functions.append({"type": "function", "function": fn})
     choice = tool_choice if not isinstance(tool_choice, dict) else {"type": "function", "function": {
         "name": tool_choice.get("name")}} if tool_choice.get("type") == "function" else tool_choice
-    return chat_tools(functions or None, choice)
+    return chat_tools(functions or None, choice), namespaces
 
 
 # ---- the reply -----------------------------------------------------------------------------------------------
 class ResponseReply:
     def __init__(self, ctx: ServerContext, handle: RequestHandle, model: str, tools: list[dict] | None,
-                 thinking: bool, req: ResponsesRequest, items: list[dict], kept: collections.OrderedDict):
-        self.ctx, self.handle, self.model, self.req = ctx, handle, model, req
+                 thinking: bool, req: ResponsesRequest, items: list[dict], kept: collections.OrderedDict,
+                 namespaces: dict[str, str]):
+        self.ctx, self.handle, self.model, self.req, self.namespaces = ctx, handle, model, req, namespaces
         self.items, self.kept = items, kept
         self.st = ChoiceState(tools, thinking, lambda index: new_id("call_"))
         self.id, self.created = new_id("resp_"), int(time.time())
@@ -235,7 +252,8 @@ class ResponseReply:
         if parsed.content is not None:
             output.append(_message_item(new_id("msg_"), parsed.content))
         for call in parsed.tool_calls:
-            output.append(_call_item(new_id("fc_"), call.id, call.name, call.arguments))
+            output.append(_call_item(new_id("fc_"), call.id, call.name, call.arguments,
+                                     namespace=self.namespaces.get(call.name)))
         return self.finish(output)
 
     def event(self, kind: str, **data) -> str:
@@ -280,9 +298,11 @@ def _message_item(item_id: str, text: str, status: str = "completed") -> dict:
             "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []}
 
 
-def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
-    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
+def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed",
+               namespace: str | None = None) -> dict:
+    item = {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
             "status": status}
+    return item if namespace is None else {**item, "namespace": namespace}
 
 
 class _Items:
@@ -311,7 +331,8 @@ class _Items:
         events = self.close()
         for call in d.tool_calls:
             if call.id is not None:  # a call's header: its complete arguments follow in the next delta
-                self.call = _call_item(new_id("fc_"), call.id, call.name, "", "in_progress")
+                self.call = _call_item(new_id("fc_"), call.id, call.name, "", "in_progress",
+                                       r.namespaces.get(call.name))
                 events.append(r.event("response.output_item.added", output_index=len(self.done), item=self.call))
                 continue
             item = {**self.call, "arguments": call.arguments, "status": "completed"}
