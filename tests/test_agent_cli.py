@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_server_util import running
+from server_util import running
 
 from glm47.chat import Tokenizer
 from glm47.server.app import create_app

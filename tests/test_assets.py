@@ -89,7 +89,7 @@ def served():
     import time
 
     import httpx
-    from test_server_util import free_port
+    from server_util import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "glm47.cli.main", "serve", "--port", str(port),

@@ -10,7 +10,7 @@ import sys
 import types
 
 import pytest
-from test_server_util import free_port, running
+from server_util import free_port, running
 
 import glm47.cli.chat as chat_cli
 from glm47.cli.main import main

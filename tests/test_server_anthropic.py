@@ -7,7 +7,7 @@ import json
 import anthropic
 import httpx
 import pytest
-from test_server_util import AFTER_TOOL, running, script, sse_messages
+from server_util import AFTER_TOOL, running, script, sse_messages
 
 from glm47.chat import Tokenizer
 from glm47.server.app import create_app

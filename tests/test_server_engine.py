@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 import torch
-from test_server_util import chunks, metric, running, running_and_kv, wait_idle
+from server_util import chunks, metric, running, running_and_kv, wait_idle
 
 from glm47.chat import Tokenizer
 from glm47.checkpoint.writer import init_checkpoint

@@ -11,7 +11,7 @@ import pytest
 import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
-from test_server_util import running, wait_idle
+from server_util import running, wait_idle
 
 from glm47.chat import Tokenizer
 from glm47.checkpoint.writer import init_checkpoint

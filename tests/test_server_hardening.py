@@ -16,7 +16,7 @@ import openai
 import psutil
 import pytest
 import torch
-from test_server_util import TOOLS, chunks, free_port, running, script, sse_messages, wait_idle
+from server_util import TOOLS, chunks, free_port, running, script, sse_messages, wait_idle
 
 import glm47.engine.llm_engine as llm_engine_module
 from glm47.chat import Tokenizer

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from test_server_util import running, script
+from server_util import running, script
 
 from glm47.chat import Tokenizer
 from glm47.server.app import create_app

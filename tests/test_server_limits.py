@@ -7,7 +7,7 @@ import contextlib
 import httpx
 import openai
 import pytest
-from test_server_util import chunks, running, running_and_kv, script, sse_messages, wait_idle
+from server_util import chunks, running, running_and_kv, script, sse_messages, wait_idle
 
 from glm47.chat import Tokenizer
 from glm47.server.app import create_app

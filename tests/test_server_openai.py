@@ -7,7 +7,7 @@ import json
 import httpx
 import openai
 import pytest
-from test_server_util import AFTER_TOOL, TOOLS, chunks, running, script
+from server_util import AFTER_TOOL, TOOLS, chunks, running, script
 
 from glm47.chat import Tokenizer
 from glm47.server.app import create_app

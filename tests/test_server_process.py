@@ -12,7 +12,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-from test_server_util import chunks, free_port
+from server_util import chunks, free_port
 
 from glm47.checkpoint.writer import init_checkpoint
 from glm47.config import preset

@@ -10,7 +10,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-from test_server_util import AFTER_TOOL, TOOLS, running, script
+from server_util import AFTER_TOOL, TOOLS, running, script
 
 from glm47.chat import Tokenizer
 from glm47.server.app import create_app

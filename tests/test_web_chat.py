@@ -9,7 +9,7 @@ import shutil
 
 import httpx
 import pytest
-from test_server_util import running
+from server_util import running
 
 from glm47.chat import Tokenizer
 from glm47.server.app import create_app
