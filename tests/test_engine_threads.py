@@ -78,7 +78,8 @@ def test_decode_steps_on_one_thread_give_the_same_greedy_tokens(checkpoint, two_
     finally:
         torch.set_num_threads = real
     assert got == want
-    assert seen == [1, 2, 1]  # decode steps on one thread, the later prompt's prefill chunks on two
+    # decode steps on one thread, every thread back once idle (so the later prompt is prefilled on two)
+    assert seen == [1, 2, 1, 2] and torch.get_num_threads() == 2
 
 
 def test_the_governor_gives_decode_steps_the_cores_others_leave(monkeypatch):

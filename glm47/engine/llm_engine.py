@@ -259,6 +259,8 @@ class LLMEngine:
         if spec:
             self._propose(result)
         self._steps += 1
+        if not self.has_unfinished() and torch.get_num_threads() != self.threads.max_threads:
+            torch.set_num_threads(self.threads.max_threads)  # idle: the process gets its threads back
         return outputs
 
     def _sample(self, result: StepResult, params, gens, prompts, outs, stops
