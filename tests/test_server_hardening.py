@@ -197,7 +197,7 @@ def test_a_12_mb_body_does_not_delay_health(tok):
         rss = psutil.Process().memory_info().rss
         result = {}
         worker = threading.Thread(target=lambda: result.update(r=httpx.post(
-            url + CHAT, content=body, headers={"content-type": "application/json"}, timeout=120)))
+            url + CHAT, content=body, headers={"content-type": "application/json"}, timeout=120)), daemon=True)
         worst, polls = 0.0, 0
         worker.start()
         while worker.is_alive():
@@ -329,20 +329,29 @@ def test_serve_exits_with_status_1_when_the_engine_fails(tok):
     port, result = free_port(), {}
     engine = CrashingEngine(tok, SCRIPT_LONG, step_delay=0.01)
     thread = threading.Thread(target=lambda: result.update(code=serve(
-        engine, tok, ServerConfig(), port=port, log_level="warning")))
+        engine, tok, ServerConfig(), port=port, log_level="warning")), daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(url + "/health")
-            break
-        except httpx.TransportError:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-    with pytest.raises(openai.APIError, match="the engine failed"):
-        for _ in client.chat.completions.create(model="glm-4.7", stream=True, messages=user()):
-            pass
-    thread.join(30)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + "/health")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIError, match="the engine failed"):
+            for _ in client.chat.completions.create(model="glm-4.7", stream=True, messages=user()):
+                pass
+        thread.join(30)
+    finally:
+        if thread.is_alive():  # the test failed early: a request the engine fails on stops the server
+            engine.steps = 10
+            try:
+                httpx.post(url + CHAT, json=body_for(CHAT), timeout=5)
+            except httpx.HTTPError:
+                pass
+            thread.join(30)
     assert not thread.is_alive() and result["code"] == 1

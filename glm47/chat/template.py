@@ -109,11 +109,12 @@ class _Encoder(Protocol):
 
 
 class PromptTooLong(ValueError):
-    """The prompt surely has more than `num_tokens` tokens (found before encoding it)."""
+    """The prompt surely has more than `num_tokens` tokens (found before encoding it); `field` is the request
+    field it came from ("messages", or "prompt" for a raw one)."""
 
-    def __init__(self, num_tokens: int):
+    def __init__(self, num_tokens: int, field: str = "messages"):
         super().__init__(f"the prompt has more than {num_tokens} tokens")
-        self.num_tokens = num_tokens
+        self.num_tokens, self.field = num_tokens, field
 
 
 def render_ids(

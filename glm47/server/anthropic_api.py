@@ -19,7 +19,7 @@ from glm47.server.anthropic_protocol import (CountTokensRequest, MessagesRequest
 from glm47.server.async_engine import GenerationError, RequestHandle
 from glm47.server.context import ServerContext, new_id
 from glm47.server.protocol import body_schema, parse_body
-from glm47.server.streaming import (ChoiceState, abort_on_disconnect, outputs, parsed_reply, sse,
+from glm47.server.streaming import (ChoiceState, abort_on_disconnect, block_events, parsed_reply, sse,
                                     sse_response)
 
 router = APIRouter()
@@ -92,14 +92,7 @@ class MessageReply:
                 "usage": {"input_tokens": prompt, "output_tokens": 0, "cache_creation_input_tokens": 0,
                           "cache_read_input_tokens": 0}}}, "message_start")
             yield PING
-            async for out in outputs(self.handle, self.ctx.config.keepalive_seconds):
-                if out is None:
-                    yield PING
-                    continue
-                for delta in self.st.feed(out):
-                    for event in blocks.add(delta):
-                        yield event
-            for event in blocks.close():
+            async for event in block_events(self.handle, self.st, self.ctx.config.keepalive_seconds, blocks, PING):
                 yield event
             stop_reason, stop_sequence = self._stop(self.st.stream_finish_reason)
             yield sse({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},

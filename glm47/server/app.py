@@ -115,10 +115,9 @@ def create_app(engine, tokenizer: Tokenizer, config: ServerConfig | None = None)
         if is_anthropic(path):  # Anthropic's wording, which Claude Code matches to compact the conversation
             error = ApiError(400, f"prompt is too long: more than {e.num_tokens} tokens > {limit - 1} maximum")
         else:
-            field = "prompt" if path.endswith("/completions") and "chat" not in path else "messages"
-            error = ApiError(400, f"This model's maximum context length is {limit} tokens. However, your {field} "
+            error = ApiError(400, f"This model's maximum context length is {limit} tokens. However, your {e.field} "
                                   f"resulted in more than {e.num_tokens} tokens. Please reduce the length of the "
-                                  f"{field}.", field, "context_length_exceeded")
+                                  f"{e.field}.", e.field, "context_length_exceeded")
         return error_response(path, error)
 
     @app.exception_handler(ClientDisconnect)

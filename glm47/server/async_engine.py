@@ -133,9 +133,7 @@ class AsyncEngine:
         RequestFailed, EngineOverloaded or EngineDead."""
         if self.dead:
             raise EngineDead(self.dead)
-        if len(samples) > self.max_num_requests:
-            raise ValueError(f"this request needs {len(samples)} sequences (prompts x n), more than the "
-                             f"{self.max_num_requests} this server runs at once")
+        self.check_fits(len(samples))
         if self.num_requests + len(samples) > self.max_num_requests:
             raise EngineOverloaded(f"{self.num_requests} requests in flight (limit {self.max_num_requests})")
         ids = [f"{request_id}-{k}" for k in range(len(samples))]
@@ -152,6 +150,12 @@ class AsyncEngine:
         if error is not None:
             raise error
         return handle
+
+    def check_fits(self, num_samples: int) -> None:
+        """ValueError for a submission of more samples than can ever be in flight at once (no retry helps)."""
+        if num_samples > self.max_num_requests:
+            raise ValueError(f"this request needs {num_samples} sequences (prompts x n), more than the "
+                             f"{self.max_num_requests} this server runs at once")
 
     def _send(self, command: tuple) -> None:
         self._commands.put(command)

@@ -27,7 +27,7 @@ class ServerConfig:
     max_num_requests: int = 1024  # engine requests (samples) queued or running; more get 503
     # Default for requests that don't say; False keeps every turn's reasoning (Z.ai's coding endpoint).
     clear_thinking: bool = True
-    keepalive_seconds: float = 10.0  # SSE keep-alive when nothing was sent for this long (long prefills)
+    keepalive_seconds: float = 10.0  # streams send a keep-alive at least this often (long prefills, held calls)
     retry_after_seconds: int = 1
     # HTTP hygiene (glm47/server/http.py): a request's headers must arrive within header_timeout_seconds of
     # its first byte (or of the connection), its body within body_timeout_seconds of the headers; a
@@ -97,7 +97,7 @@ class ServerContext:
         """A raw prompt's ids (GLM's special tokens recognised), as render_chat: off the loop, bounded first."""
         least = len(text) // self.tokenizer.max_token_bytes
         if least > self.limit:
-            raise PromptTooLong(least)
+            raise PromptTooLong(least, "prompt")
         return await self.off_loop(self.tokenizer.encode, text, allow_special=True)
 
     async def off_loop(self, fn, *args, **kwargs):

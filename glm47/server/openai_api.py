@@ -16,8 +16,8 @@ from glm47.chat import Tokenizer
 from glm47.parsers import Delta
 from glm47.server.async_engine import GenerationError, RequestHandle
 from glm47.server.context import ServerContext, new_id
-from glm47.server.protocol import (ChatCompletionRequest, body_schema, CompletionRequest, DetokenizeRequest,
-                                   TokenizeRequest, bad_request, chat_messages, chat_tools,
+from glm47.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                   TokenizeRequest, bad_request, body_schema, chat_messages, chat_tools,
                                    check_response_format, context_error, max_tokens_of, parse_body, samples,
                                    sampling_params, thinking_flags)
 from glm47.server.streaming import DONE, KEEPALIVE, ChoiceState, abort_on_disconnect, outputs, sse, sse_response
@@ -221,9 +221,10 @@ async def _prompt_ids(ctx: ServerContext, prompt: str | list, n: int) -> list[li
     elif not all(isinstance(p, str) or isinstance(p, list) and all(_is_id(t) for t in p) for p in prompt):
         raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of lists of "
                           "token ids", "prompt")
-    if len(prompt) * n > ctx.engine.max_num_requests:
-        raise bad_request(f"{len(prompt)} prompts x n={n} sequences are more than the {ctx.engine.max_num_requests} "
-                          f"this server runs at once", "prompt")
+    try:
+        ctx.engine.check_fits(len(prompt) * n)  # before anything is encoded
+    except ValueError as e:
+        raise bad_request(str(e), "prompt") from None
     return [await ctx.encode(p) if isinstance(p, str) else p for p in prompt]
 
 

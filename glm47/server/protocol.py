@@ -272,20 +272,24 @@ def order_tool_results(messages: list[dict]) -> list[dict]:
     """Each run of tool messages after an assistant message with tool calls, put in the order of its calls.
     GLM-4.7's format has no call ids: the model pairs the n-th result with the n-th call, and clients send
     parallel results in the order they finished (Claude Code sent [Read, Bash] for [Bash, Read])."""
-    out, order = [], {}
+    out: list[dict] = []
+    run: list[dict] = []  # the tool messages since the last other message
+    order: dict[str, int] = {}  # call id -> position among the last assistant message's calls
+
+    def flush() -> None:  # unknown ids keep their place after the known ones (the sort is stable)
+        out.extend(sorted(run, key=lambda t: order.get(t.get("tool_call_id"), len(order))))
+        run.clear()
+
     for m in messages:
         if m.get("role") == "tool":
-            run = len(out)
-            while run and out[run - 1].get("role") == "tool":
-                run -= 1
-            out.append(m)
-            tail = out[run:]
-            out[run:] = sorted(tail, key=lambda t: order.get(t.get("tool_call_id"), len(order)))
+            run.append(m)
             continue
+        flush()
         out.append(m)
         if m.get("role") == "assistant":
             calls = m.get("tool_calls") or []
             order = {c.get("id"): k for k, c in enumerate(calls) if isinstance(c, dict) and c.get("id")}
+    flush()
     return out
 
 

@@ -30,8 +30,8 @@ from glm47.server.context import ServerContext, new_id
 from glm47.server.protocol import (MAX_MESSAGES, MAX_TOOLS, Body, SamplingFields, bad_request, body_schema,
                                    chat_tools, context_error, order_tool_results, parse_body, samples,
                                    sampling_params)
-from glm47.server.streaming import (ChoiceState, abort_on_disconnect, outputs, parsed_reply, sse,
-                                    sse_response)
+from glm47.server.streaming import (KEEPALIVE, ChoiceState, abort_on_disconnect, block_events, parsed_reply,
+                                    sse, sse_response)
 
 router = APIRouter()
 RESPONSES_KEPT = 256  # finished responses kept for previous_response_id (input + output items each)
@@ -265,14 +265,8 @@ class ResponseReply:
         try:
             yield self.event("response.created", response=self.envelope("in_progress", []))
             yield self.event("response.in_progress", response=self.envelope("in_progress", []))
-            async for out in outputs(self.handle, self.ctx.config.keepalive_seconds):
-                if out is None:
-                    yield ": keep-alive\n\n"
-                    continue
-                for delta in self.st.feed(out):
-                    for event in items.add(delta):
-                        yield event
-            for event in items.close():
+            async for event in block_events(self.handle, self.st, self.ctx.config.keepalive_seconds, items,
+                                            KEEPALIVE):
                 yield event
             response = self.finish(items.done)
             yield self.event(f"response.{response['status']}", response=response)

@@ -51,6 +51,21 @@ async def outputs(handle: RequestHandle, keepalive: float) -> AsyncIterator[Outp
             tick = time.monotonic() + keepalive
 
 
+async def block_events(handle: RequestHandle, state: ChoiceState, keepalive: float, blocks, tick: str
+                       ) -> AsyncIterator[str]:
+    """A one-choice stream's events: each output's parsed deltas through `blocks` (add(delta) and close(),
+    each returning events), `tick` whenever outputs() ticks, and the events that close the last block."""
+    async for out in outputs(handle, keepalive):
+        if out is None:
+            yield tick
+            continue
+        for delta in state.feed(out):
+            for event in blocks.add(delta):
+                yield event
+    for event in blocks.close():
+        yield event
+
+
 async def parsed_reply(handle: RequestHandle, state: ChoiceState, keepalive: float) -> tuple[ParsedOutput, str | None]:
     """A one-choice request's whole reply: every output fed to `state`, then parsed (see ChoiceState.parsed)."""
     async for out in outputs(handle, keepalive):
