@@ -1,6 +1,6 @@
-"""LLM: the offline Python API. Loads a checkpoint (weights, tokenizer, stop ids), runs the engine, and does
-the text work the engine does not: prompt rendering, incremental detokenization, stop strings, `n` samples,
-and parsing reasoning / tool calls out of chat replies.
+"""LLM: the offline Python API. Loads a checkpoint (weights, tokenizer, stop ids), runs the engine through a
+TextDriver (glm47/text: detokenizing, stop strings), and does the rest of the text work the engine does not:
+prompt rendering, `n` samples, and parsing reasoning / tool calls out of chat replies.
 
     llm = LLM("path/to/checkpoint")
     out = llm.generate(["Hello"], SamplingParams(max_tokens=32))[0]          # out.text, out.token_ids
@@ -11,26 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from glm47.chat import Tokenizer, render_ids, render_prompt
 from glm47.engine.llm_engine import LLMEngine
-from glm47.engine.sampling import SamplingParams
 from glm47.parsers import Delta, OutputStream, ToolCall, parse_output, prompt_ends_in_think
-from glm47.text_output import TextTrack
-
-
-@dataclass(slots=True)
-class CompletionOutput:
-    index: int  # which of the n samples
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # 'stop' | 'length' | 'abort'
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
+from glm47.sampling_params import SamplingParams
+from glm47.text import CompletionOutput, TextDelta, TextDriver, chat_finish_reason
 
 
 @dataclass(slots=True)
@@ -71,21 +61,6 @@ class RequestOutput:
 
 
 @dataclass(slots=True)
-class StreamDelta:
-    """What one engine step added to one sample."""
-    index: int  # prompt index
-    output_index: int  # sample index (n > 1)
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # set on the sample's last delta
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    num_cached_tokens: int = 0
-    prompt_logprobs: list[float | None] | None = None  # on a sample's first delta, when asked
-    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
-
-
-@dataclass(slots=True)
 class ChatOutput:
     reasoning_content: str | None
     content: str | None
@@ -100,14 +75,6 @@ class ChatOutput:
 class ChatChunk:
     delta: Delta | None  # one parsed piece (reasoning, content or a tool-call fragment)
     finish_reason: str | None = None  # set on the last chunk
-
-
-@dataclass(slots=True)
-class _Track:
-    """One engine request (one sample of one prompt) and its text-side state."""
-    index: int
-    output_index: int
-    text: TextTrack
 
 
 class LLM:
@@ -132,22 +99,15 @@ class LLM:
                    for i, p in enumerate(params)]
         for d in self._stream(id_lists, params):
             r = results[d.index]
-            o = r.outputs[d.output_index]
-            o.text += d.text
-            o.token_ids += d.token_ids
+            r.outputs[d.output_index].add(d)
             r.num_cached_tokens = max(r.num_cached_tokens, d.num_cached_tokens)
-            if d.logprobs is not None:
-                o.logprobs = (o.logprobs or []) + d.logprobs
-                o.top_logprobs = (o.top_logprobs or []) + d.top_logprobs
             if d.prompt_logprobs is not None:
                 r.prompt_logprobs, r.prompt_top_logprobs = d.prompt_logprobs, d.prompt_top_logprobs
-            if d.finish_reason:
-                o.finish_reason = d.finish_reason
         return results
 
     def generate_stream(self, prompts: str | list[str] | None = None,
                         sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                        prompt_token_ids: list[list[int]] | None = None) -> Iterator[StreamDelta]:
+                        prompt_token_ids: list[list[int]] | None = None) -> Iterator[TextDelta]:
         """Yields what each engine step adds to each sample, as it happens."""
         _, id_lists, params = self._inputs(prompts, sampling_params, prompt_token_ids)
         yield from self._stream(id_lists, params)
@@ -161,7 +121,7 @@ class LLM:
         params = sampling_params or self.default_chat_params()
         out = self.generate(prompt_token_ids=[ids], sampling_params=params)[0]
         parsed = parse_output(out.text, tools, thinking=thinking, finished=True)
-        reason = "tool_calls" if parsed.tool_calls and out.finish_reason == "stop" else out.finish_reason
+        reason = chat_finish_reason(out.finish_reason, len(parsed.tool_calls))
         return ChatOutput(parsed.reasoning_content, parsed.content, parsed.tool_calls, reason, out.text,
                           len(ids), len(out.token_ids))
 
@@ -179,12 +139,11 @@ class LLM:
             reason = d.finish_reason or reason
         for delta in parser.close():
             yield ChatChunk(delta)
-        calls = parser.num_tool_calls
-        yield ChatChunk(None, "tool_calls" if calls and reason == "stop" else reason)
+        yield ChatChunk(None, chat_finish_reason(reason, parser.num_tool_calls))
 
     def default_chat_params(self) -> SamplingParams:
-        """GLM-4.7's recommended sampling (temperature 1.0, top_p 0.95), with room for a reply."""
-        return SamplingParams(temperature=1.0, top_p=0.95, max_tokens=1024)
+        """GLM-4.7's recommended sampling, with room for a reply."""
+        return SamplingParams.recommended(max_tokens=1024)
 
     # ---- internals ----------------------------------------------------------------------------------
     def _chat_prompt(self, messages, tools, enable_thinking, clear_thinking) -> tuple[list[int], bool]:
@@ -212,30 +171,15 @@ class LLM:
             params = [sampling_params or SamplingParams()] * len(id_lists)
         return texts, id_lists, params
 
-    def _stream(self, id_lists: list[list[int]], params: list[SamplingParams]) -> Iterator[StreamDelta]:
-        engine = self.engine
-        tracks: dict[str, _Track] = {}
+    def _stream(self, id_lists: list[list[int]], params: list[SamplingParams]) -> Iterator[TextDelta]:
+        driver = TextDriver(self.engine, self.tokenizer)
         try:
             for i, (ids, p) in enumerate(zip(id_lists, params)):
                 for k in range(p.n):
                     # n samples are n requests; the prefix cache shares their prompt blocks.
                     seed = None if p.seed is None else p.seed + k
-                    rid = engine.add_request(ids, dataclasses.replace(p, n=1, seed=seed))
-                    tracks[rid] = _Track(i, k, TextTrack(self.tokenizer, p, engine.eos_token_ids))
-            while tracks:
-                for o in engine.step():
-                    t = tracks.get(o.request_id)
-                    if t is None:
-                        continue
-                    step = t.text.feed(o.new_token_ids, o.finished, o.finish_reason)
-                    if step.abort:  # a stop string ended it: free its blocks now
-                        engine.abort(o.request_id)
-                    if step.done:
-                        del tracks[o.request_id]
-                    o = o.head(step.num_tokens)
-                    yield StreamDelta(t.index, t.output_index, step.text, o.new_token_ids, step.finish_reason,
-                                      o.logprobs, o.top_logprobs, o.num_cached_tokens, o.prompt_logprobs,
-                                      o.prompt_top_logprobs)
+                    driver.add(ids, dataclasses.replace(p, n=1, seed=seed), i, k)
+            while driver:
+                yield from driver.step()
         finally:
-            for rid in tracks:  # the caller stopped early, or an error: free the engine's blocks
-                engine.abort(rid)
+            driver.abort_all()  # the caller stopped early, or an error: free the engine's blocks

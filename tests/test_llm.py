@@ -6,7 +6,7 @@ from glm47.chat import Tokenizer
 from glm47.checkpoint.writer import init_checkpoint
 from glm47.config import preset
 from glm47.engine.llm_engine import StepOutput
-from glm47.engine.sampling import SamplingParams
+from glm47.sampling_params import SamplingParams
 from glm47.llm import LLM
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
@@ -85,7 +85,7 @@ class ScriptedEngine:
         self.eos_token_ids = frozenset({151329, 151336, 151338})
         self.prompts = []
 
-    def add_request(self, ids, params):
+    def add_request(self, ids, params, request_id=None):
         self.prompts.append(ids)
         self.pos = 0
         return "r0"

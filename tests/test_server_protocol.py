@@ -6,6 +6,7 @@ import json
 import pytest
 
 from glm47.chat import Tokenizer, render_prompt
+from glm47.sampling_params import ContextTooLong, context_overflow
 from glm47.server import anthropic_protocol as ant
 from glm47.server.protocol import (ApiError, ChatCompletionRequest, chat_messages, chat_tools, context_error,
                                    parse_body, sampling_params, thinking_flags)
@@ -84,19 +85,40 @@ def test_openai_messages_developer_is_system_and_images_are_refused():
     assert e.param == "messages[0].content[0]" and "image_url" in e.message
 
 
+def openai_context(num_prompt, max_tokens, limit, max_tokens_field="max_tokens", prompt_field="messages"):
+    """The OpenAI-style answer of a chat route's context check (None: it fits)."""
+    e = context_overflow(num_prompt, max_tokens, limit, prompt_field, max_tokens_field)
+    return None if e is None else context_error(e)
+
+
+def anthropic_context(num_prompt, max_tokens, limit):
+    e = context_overflow(num_prompt, max_tokens, limit, "messages")
+    return None if e is None else ant.context_error(e)
+
+
 def test_openai_context_error_has_vllms_wording_and_names_what_to_shrink():
-    assert context_error(100, 50, 200) is None
-    e = context_error(180, 50, 200)
+    assert openai_context(100, 50, 200) is None
+    e = openai_context(180, 50, 200)
     assert e.code == "context_length_exceeded" and "maximum context length is 200 tokens" in e.message
     assert "230 tokens (180 in the messages, 50 in the completion)" in e.message
     # The messages fit, the completion does not: the fix is a smaller max_tokens, and the error says so.
     assert e.param == "max_tokens" and e.message.endswith("max_tokens can be at most 20.")
-    e = context_error(180, 50, 200, "max_completion_tokens")
+    e = openai_context(180, 50, 200, "max_completion_tokens")
     assert e.param == "max_completion_tokens" and "max_completion_tokens can be at most 20" in e.message
-    e = context_error(200, None, 200)
+    e = openai_context(200, None, 200)
     assert "resulted in 200 tokens" in e.message and e.param == "messages"
-    assert context_error(250, 10, 200).param == "messages"  # the messages alone overflow
-    assert context_error(250, 10, 200, prompt_field="prompt").param == "prompt"
+    assert openai_context(250, 10, 200).param == "messages"  # the messages alone overflow
+    assert openai_context(250, 10, 200, prompt_field="prompt").param == "prompt"
+
+
+def test_a_prompt_counted_before_encoding_is_worded_as_more_than_its_bound():
+    """The server counts a prompt's least token count before encoding it (ServerContext.encode, render_chat);
+    each API says "more than" that many tokens."""
+    e = ContextTooLong(300, None, 200, "prompt", lower_bound=True)
+    assert e.field == "prompt" and isinstance(e, ValueError)
+    assert context_error(e).message == ("This model's maximum context length is 200 tokens. However, your prompt "
+                                        "resulted in more than 300 tokens. Please reduce the length of the prompt.")
+    assert ant.context_error(e).message == "prompt is too long: more than 300 tokens > 199 maximum"
 
 
 def messages_request(**fields) -> ant.MessagesRequest:
@@ -153,10 +175,10 @@ def test_anthropic_thinking_switch_sampling_and_context_wording():
     p = ant.sampling_params(messages_request(stop_sequences=["###"], top_k=5))
     assert (p.temperature, p.top_p, p.top_k, p.stop, p.max_tokens) == (1.0, 0.95, 5, ["###"], 64)
     assert api_error(ant.sampling_params, messages_request(max_tokens=0)).param == "max_tokens"
-    assert ant.context_error(300, 10, 200).message == "prompt is too long: 300 tokens > 199 maximum"
-    assert ant.context_error(150, 100, 200).message.startswith(
+    assert anthropic_context(300, 10, 200).message == "prompt is too long: 300 tokens > 199 maximum"
+    assert anthropic_context(150, 100, 200).message.startswith(
         "input length and `max_tokens` exceed context limit: 150 + 100 > 200")
-    assert ant.context_error(150, 50, 200) is None
+    assert anthropic_context(150, 50, 200) is None
 
 
 def test_count_tokens_body_needs_no_max_tokens():

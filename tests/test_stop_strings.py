@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from glm47.stop_strings import StopStringMatcher, find_first_stop, partial_stop_length
+from glm47.text.stop_strings import StopStringMatcher, find_first_stop, partial_stop_length
 
 
 def run(pieces, stops, include_stop=False):

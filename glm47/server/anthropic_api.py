@@ -14,8 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from glm47.parsers import Delta
-from glm47.server.anthropic_protocol import (CountTokensRequest, MessagesRequest, context_error,
-                                             sampling_params, to_chat)
+from glm47.server.anthropic_protocol import CountTokensRequest, MessagesRequest, sampling_params, to_chat
 from glm47.server.async_engine import GenerationError, RequestHandle
 from glm47.server.context import ServerContext, new_id
 from glm47.server.protocol import body_schema, parse_body
@@ -46,8 +45,7 @@ async def create_message(request: Request):
     messages, tools, enable_thinking = to_chat(req)
     params = sampling_params(req)
     prompt = await ctx.render_chat(messages, tools, enable_thinking, req.clear_thinking(ctx.config.clear_thinking))
-    if error := context_error(len(prompt), req.max_tokens, ctx.limit):
-        raise error
+    ctx.check_context(len(prompt), req.max_tokens)
     handle = await ctx.submit("msg", [(prompt, params)])
     reply = MessageReply(ctx, handle, model, ChoiceState(tools, enable_thinking, _tool_use_id))
     if req.stream:
@@ -108,14 +106,14 @@ class MessageReply:
             return "tool_use", None
         if reason == "length":
             return "max_tokens", None
-        if self.st.stop_string is not None:
-            return "stop_sequence", self.st.stop_string
+        if self.st.out.stop_string is not None:
+            return "stop_sequence", self.st.out.stop_string
         return "end_turn", None
 
     def usage(self) -> dict:
         """Prefix-cache hits are Anthropic's cache reads; input_tokens counts only the rest."""
-        cached = self.st.num_cached_tokens
-        return {"input_tokens": self.handle.num_prompt_tokens[0] - cached, "output_tokens": len(self.st.token_ids),
+        cached = self.st.out.num_cached_tokens
+        return {"input_tokens": self.handle.num_prompt_tokens[0] - cached, "output_tokens": len(self.st.out.token_ids),
                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 

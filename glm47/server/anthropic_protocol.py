@@ -9,9 +9,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from glm47.engine.sampling import SamplingParams
-from glm47.server.protocol import (DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_MESSAGES, MAX_TOOLS, ApiError, Body,
-                                   bad_request, order_tool_results, params_error)
+from glm47.sampling_params import RECOMMENDED_TEMPERATURE, RECOMMENDED_TOP_P, ContextTooLong, SamplingParams
+from glm47.server.protocol import (MAX_MESSAGES, MAX_TOOLS, ApiError, Body, bad_request, order_tool_results,
+                                   params_error)
 
 # Claude Code prepends a system block whose hash changes every request; it would defeat the prefix cache.
 BILLING_HEADER = "x-anthropic-billing-header"
@@ -80,22 +80,22 @@ def to_chat(req: CountTokensRequest) -> tuple[list[dict], list[dict] | None, boo
 def sampling_params(req: MessagesRequest) -> SamplingParams:
     try:
         return SamplingParams(
-            temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-            top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+            temperature=RECOMMENDED_TEMPERATURE if req.temperature is None else req.temperature,
+            top_p=RECOMMENDED_TOP_P if req.top_p is None else req.top_p, top_k=req.top_k or 0,
             max_tokens=req.max_tokens, stop=req.stop_sequences or None)
     except ValueError as e:
         raise params_error(e, {"stop": "stop_sequences"}) from None
 
 
-def context_error(num_prompt: int, max_tokens: int, limit: int) -> ApiError | None:
+def context_error(e: ContextTooLong) -> ApiError:
     """Anthropic's context errors, worded as its API words them: Claude Code matches on the wording to
     compact the conversation or lower max_tokens."""
-    if num_prompt >= limit:
-        return bad_request(f"prompt is too long: {num_prompt} tokens > {limit - 1} maximum", "messages")
-    if num_prompt + max_tokens > limit:
-        return bad_request(f"input length and `max_tokens` exceed context limit: {num_prompt} + {max_tokens} > "
-                           f"{limit}, decrease input length or `max_tokens` and try again", "max_tokens")
-    return None
+    more = "more than " if e.lower_bound else ""
+    if e.prompt_overflows:
+        return bad_request(f"prompt is too long: {more}{e.num_prompt_tokens} tokens > {e.limit - 1} maximum",
+                           e.field)
+    return bad_request(f"input length and `max_tokens` exceed context limit: {e.num_prompt_tokens} + "
+                       f"{e.max_tokens} > {e.limit}, decrease input length or `max_tokens` and try again", e.field)
 
 
 def _blocks(content: Any, where: str) -> list[dict]:

@@ -23,8 +23,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from glm47.chat import PromptTooLong, Tokenizer
-from glm47.server import anthropic_api, openai_api, responses_api, web
+from glm47.chat import Tokenizer
+from glm47.sampling_params import ContextTooLong
+from glm47.server import anthropic_api, anthropic_protocol, openai_api, protocol, responses_api, web
 from glm47.server.async_engine import GenerationError
 from glm47.server.context import ServerConfig, ServerContext
 from glm47.server.http import LOOPBACK_HOSTS, Guard, guarded_h11, raise_open_files_limit
@@ -109,16 +110,11 @@ def create_app(engine, tokenizer: Tokenizer, config: ServerConfig | None = None)
     async def generation_error(request: Request, e: GenerationError) -> JSONResponse:
         return error_response(request.url.path, ApiError(e.status, str(e), code=e.code))
 
-    @app.exception_handler(PromptTooLong)
-    async def prompt_too_long(request: Request, e: PromptTooLong) -> JSONResponse:
-        path, limit = request.url.path, ctx.limit
-        if is_anthropic(path):  # Anthropic's wording, which Claude Code matches to compact the conversation
-            error = ApiError(400, f"prompt is too long: more than {e.num_tokens} tokens > {limit - 1} maximum")
-        else:
-            error = ApiError(400, f"This model's maximum context length is {limit} tokens. However, your {e.field} "
-                                  f"resulted in more than {e.num_tokens} tokens. Please reduce the length of the "
-                                  f"{e.field}.", e.field, "context_length_exceeded")
-        return error_response(path, error)
+    @app.exception_handler(ContextTooLong)
+    async def context_too_long(request: Request, e: ContextTooLong) -> JSONResponse:
+        path = request.url.path
+        words = anthropic_protocol.context_error if is_anthropic(path) else protocol.context_error
+        return error_response(path, words(e))
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, e: ClientDisconnect) -> Response:

@@ -1,8 +1,8 @@
 """AsyncEngine: one thread owns the (not thread-safe) engine; asyncio handlers talk to it through queues.
 
 Handlers `submit` samples (prompt ids + SamplingParams) and get a RequestHandle whose asyncio queue receives
-each step's text; the engine thread does every engine call (add_request, step, abort), detokenizes and cuts
-stop strings (glm47/text_output.py), and hands outputs to the event loop with call_soon_threadsafe.
+each step's TextDelta; the engine thread makes every engine call through a TextDriver (glm47/text: add,
+step, abort; detokenizing and stop strings), and hands deltas to the event loop with call_soon_threadsafe.
 Parsing reasoning and tool calls is the handlers' job. A bounded number of requests may be in flight.
 """
 
@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 from glm47.chat import Tokenizer
-from glm47.engine.sampling import SamplingParams
+from glm47.sampling_params import SamplingParams
 from glm47.server.metrics import Metrics
-from glm47.text_output import TextTrack
+from glm47.text import TextDelta, TextDriver
 
 log = logging.getLogger("glm47.server")
 
@@ -42,26 +42,9 @@ class RequestFailed(GenerationError):
 
 
 @dataclass(slots=True)
-class Output:
-    """What one engine step added to one sample of a request."""
-    index: int  # which sample of the submission
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # set on the sample's last output: 'stop' | 'length' | 'abort'
-    stop_string: str | None = None  # the stop string that ended it, if one did
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    num_cached_tokens: int = 0
-    prompt_logprobs: list[float | None] | None = None  # on a sample's first output, when asked
-    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
-
-
-@dataclass(slots=True)
 class _Live:
-    """Engine-thread state of one engine request."""
-    index: int
+    """Engine-thread state of one engine request, besides its text (the TextDriver's)."""
     handle: RequestHandle
-    text: TextTrack
     arrival: float
     last: float | None = None  # when the previous tokens came (None: no token yet)
 
@@ -79,8 +62,9 @@ class RequestHandle:
     def finished(self) -> bool:
         return self._open == 0
 
-    async def next(self, timeout: float | None = None) -> Output | None:
-        """The next output of any sample, None once every sample finished. Raises TimeoutError after
+    async def next(self, timeout: float | None = None) -> TextDelta | None:
+        """The next delta of any sample (its index: the sample's place in the submission), None once every
+        sample finished. Raises TimeoutError after
         `timeout` seconds without one, EngineDead if the engine stopped."""
         if self.finished and self._queue.empty():
             return None
@@ -100,7 +84,7 @@ class AsyncEngine:
         """engine: an LLMEngine or anything with its interface (add_request, step, abort, has_unfinished,
         stats, eos_token_ids). max_num_requests: engine requests (samples) queued or running at once."""
         self.engine = engine
-        self.tokenizer = tokenizer
+        self.text = TextDriver(engine, tokenizer)  # engine thread only
         self.metrics = metrics
         self.max_num_requests = max_num_requests
         self.num_requests = 0  # samples in flight (event-loop side count)
@@ -111,10 +95,6 @@ class AsyncEngine:
         self._live: dict[str, _Live] = {}  # engine thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return frozenset(self.engine.eos_token_ids)
 
     # ---- event-loop side ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -138,10 +118,9 @@ class AsyncEngine:
             raise EngineOverloaded(f"{self.num_requests} requests in flight (limit {self.max_num_requests})")
         ids = [f"{request_id}-{k}" for k in range(len(samples))]
         handle = RequestHandle(ids, [len(p) for p, _ in samples], self, _open=len(samples))
-        tracks = [TextTrack(self.tokenizer, params, self.eos_token_ids) for _, params in samples]
         done = self._loop.create_future()
         self.num_requests += len(samples)
-        self._send(("add", handle, samples, tracks, done))
+        self._send(("add", handle, samples, done))
         try:
             error = await asyncio.shield(done)
         except asyncio.CancelledError:  # the client went away while we waited: don't leave orphans behind
@@ -160,7 +139,7 @@ class AsyncEngine:
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
 
-    def _deliver(self, items: list[tuple[RequestHandle, Output | BaseException]]) -> None:
+    def _deliver(self, items: list[tuple[RequestHandle, TextDelta | BaseException]]) -> None:
         for handle, item in items:
             if isinstance(item, BaseException) or item.finish_reason is not None:
                 handle._open -= 1
@@ -190,7 +169,7 @@ class AsyncEngine:
                 command = self._commands.get(block=not engine.has_unfinished())
             except queue.Empty:
                 command = None
-            out: list[tuple[RequestHandle, Output | BaseException]] = []
+            out: list[tuple[RequestHandle, TextDelta | BaseException]] = []
             while command is not None:
                 stopping |= self._command(command, out)
                 try:
@@ -219,29 +198,29 @@ class AsyncEngine:
     def _command(self, command: tuple, out: list) -> bool:
         kind = command[0]
         if kind == "add":
-            _, handle, samples, tracks, done = command
-            self._call_soon(self._added, handle, done, self._add(handle, samples, tracks))
+            _, handle, samples, done = command
+            self._call_soon(self._added, handle, done, self._add(handle, samples))
         elif kind == "abort":
             self._abort(command[1], out)
         return kind == "stop"
 
-    def _add(self, handle: RequestHandle, samples, tracks) -> Exception | None:
+    def _add(self, handle: RequestHandle, samples) -> Exception | None:
         """None, or why the submission was refused: the engine's ValueError (a 400), or RequestFailed."""
         now = time.monotonic()
         added = []
-        for k, ((prompt, params), track, rid) in enumerate(zip(samples, tracks, handle.request_ids)):
+        for k, ((prompt, params), rid) in enumerate(zip(samples, handle.request_ids)):
             try:
-                self.engine.add_request(prompt, params, request_id=rid)
+                self.text.add(prompt, params, index=k, request_id=rid)
             except Exception as e:
                 for r in added:  # all or none: a half-added submission would never be read
-                    self.engine.abort(r)
+                    self.text.abort(r)
                     del self._live[r]
                 if isinstance(e, ValueError):
                     return e
                 log.exception("adding request %s failed", rid)
                 return RequestFailed(f"the request could not be added: {type(e).__name__}: {e}")
             added.append(rid)
-            self._live[rid] = _Live(k, handle, track, now)
+            self._live[rid] = _Live(handle, now)
             self.metrics.prompt_tokens.inc(len(prompt))
         return None
 
@@ -249,49 +228,41 @@ class AsyncEngine:
         for rid in request_ids:
             live = self._live.pop(rid, None)
             if live is not None:
-                self.engine.abort(rid)  # frees its blocks now; the engine's own 'abort' notice is ignored
-                out.append((live.handle, Output(live.index, "", [], "abort")))
+                out.append((live.handle, self.text.abort(rid)))  # its blocks are freed now
                 self.metrics.request_finished("abort")
 
     def _step(self, out: list) -> None:
         outputs = self.engine.step()
         now = time.monotonic()
-        m = self.metrics
         for o in outputs:
             live = self._live.get(o.request_id)
             if live is None:  # aborted or ended by a stop string already
                 continue
             try:
-                if o.finish_reason == "error":
+                d = self.text.feed(o)
+                if d.finish_reason == "error":
                     raise RequestFailed(o.error)
-                self._output(o, live, now, out)
+                self._delivered(o.request_id, d, live, now, out)
             except Exception as e:  # this request's own failure: it ends with an error, the others go on
                 if not isinstance(e, RequestFailed):
                     log.exception("request %s failed", o.request_id)
                     e = RequestFailed(f"{type(e).__name__}: {e}")
-                    self.engine.abort(o.request_id)
+                    self.text.abort(o.request_id)
                 self._live.pop(o.request_id, None)
-                m.request_finished("error")
+                self.metrics.request_finished("error")
                 out.append((live.handle, e))
 
-    def _output(self, o, live: _Live, now: float, out: list) -> None:
+    def _delivered(self, request_id: str, d: TextDelta, live: _Live, now: float, out: list) -> None:
         m = self.metrics
-        step = live.text.feed(o.new_token_ids, o.finished, o.finish_reason)
-        o = o.head(step.num_tokens)
-        if o.new_token_ids:
-            m.generation_tokens.inc(len(o.new_token_ids))
+        if d.token_ids:
+            m.generation_tokens.inc(len(d.token_ids))
             if live.last is None:
                 m.time_to_first_token.observe(now - live.arrival)
             else:
                 m.inter_token_latency.observe(now - live.last)
             live.last = now
-        if step.abort:  # a stop string ended it: free its blocks now
-            self.engine.abort(o.request_id)
-        if step.done:
-            del self._live[o.request_id]
+        if d.finish_reason is not None:
+            del self._live[request_id]
             m.e2e_request_latency.observe(now - live.arrival)
-            m.request_finished(step.finish_reason)
-        out.append((live.handle, Output(live.index, step.text, o.new_token_ids, step.finish_reason,
-                                        live.text.stop_string if step.done else None, o.logprobs,
-                                        o.top_logprobs, o.num_cached_tokens, o.prompt_logprobs,
-                                        o.prompt_top_logprobs)))
+            m.request_finished(d.finish_reason)
+        out.append((live.handle, d))

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from glm47.chat import PromptTooLong, Tokenizer, render_ids
-from glm47.engine.sampling import SamplingParams
+from glm47.sampling_params import ContextTooLong, SamplingParams, context_overflow
 from glm47.server.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestHandle
 from glm47.server.metrics import Metrics
 from glm47.server.protocol import ApiError, bad_request, params_error
@@ -82,13 +82,13 @@ class ServerContext:
     async def render_chat(self, messages: list[dict], tools: list[dict] | None, enable_thinking: bool,
                           clear_thinking: bool, add_generation_prompt: bool = True) -> list[int]:
         """Prompt ids, rendered and tokenized in a worker thread (the tokenizer releases the GIL on long
-        texts), a few at a time. PromptTooLong, before tokenizing, when the text cannot fit the context."""
+        texts), a few at a time. ContextTooLong, before tokenizing, when the text cannot fit the context."""
         try:
             return await self.off_loop(render_ids, self.tokenizer, messages, tools, enable_thinking=enable_thinking,
                                        clear_thinking=clear_thinking, add_generation_prompt=add_generation_prompt,
                                        max_tokens=self.limit)
-        except PromptTooLong:
-            raise
+        except PromptTooLong as e:
+            raise ContextTooLong(e.num_tokens, None, self.limit, e.field, lower_bound=True) from None
         except ValueError as e:  # glm47.chat names the place: "messages[3].tool_calls[0]: ..."
             where = re.match(r"(messages|tools)(\[\d+\])?[\w.\[\]]*", str(e))
             raise bad_request(str(e), where.group(0) if where else "messages") from None
@@ -97,8 +97,14 @@ class ServerContext:
         """A raw prompt's ids (GLM's special tokens recognised), as render_chat: off the loop, bounded first."""
         least = len(text) // self.tokenizer.max_token_bytes
         if least > self.limit:
-            raise PromptTooLong(least, "prompt")
+            raise ContextTooLong(least, None, self.limit, "prompt", lower_bound=True)
         return await self.off_loop(self.tokenizer.encode, text, allow_special=True)
+
+    def check_context(self, num_prompt_tokens: int, max_tokens: int | None, prompt_field: str = "messages",
+                      max_tokens_field: str = "max_tokens") -> None:
+        """ContextTooLong (app.py words it as the route's API does) unless the prompt and max_tokens fit."""
+        if error := context_overflow(num_prompt_tokens, max_tokens, self.limit, prompt_field, max_tokens_field):
+            raise error
 
     async def off_loop(self, fn, *args, **kwargs):
         async with self._tokenizing:

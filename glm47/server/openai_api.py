@@ -18,9 +18,10 @@ from glm47.server.async_engine import GenerationError, RequestHandle
 from glm47.server.context import ServerContext, new_id
 from glm47.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                    TokenizeRequest, bad_request, body_schema, chat_messages, chat_tools,
-                                   check_response_format, context_error, max_tokens_of, parse_body, samples,
+                                   check_response_format, max_tokens_of, parse_body, samples,
                                    sampling_params, thinking_flags)
 from glm47.server.streaming import DONE, KEEPALIVE, ChoiceState, abort_on_disconnect, outputs, sse, sse_response
+from glm47.text import CompletionOutput
 
 router = APIRouter()
 
@@ -62,8 +63,7 @@ async def chat_completions(request: Request):
     params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, max_tokens_field,
                              "top_logprobs")
     prompt = await ctx.render_chat(messages, tools, enable_thinking, clear_thinking)
-    if error := context_error(len(prompt), max_tokens, ctx.limit, max_tokens_field):
-        raise error
+    ctx.check_context(len(prompt), max_tokens, "messages", max_tokens_field)
     handle = await ctx.submit("chatcmpl", samples(prompt, params, req.n))
     # Our renderer ends the prompt in <think> exactly when thinking is on, so the reply starts in reasoning.
     reply = ChatReply(ctx, handle, model, tools, enable_thinking, req.logprobs, req.include_usage)
@@ -94,7 +94,8 @@ class ChatReply:
                        "reasoning_content": parsed.reasoning_content, "reasoning": parsed.reasoning_content}
             if parsed.tool_calls:
                 message["tool_calls"] = [_tool_call(c.id, c.name, c.arguments) for c in parsed.tool_calls]
-            lp = self._logprobs(st.token_ids, st.logprobs, st.top_logprobs) if self.logprobs else None
+            o = st.out
+            lp = self._logprobs(o.token_ids, o.logprobs or [], o.top_logprobs or []) if self.logprobs else None
             answers.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": answers, "usage": self.usage()}
@@ -109,10 +110,10 @@ class ChatReply:
                     yield KEEPALIVE
                     continue
                 st = self.choices[out.index]
-                start = pending.get(out.index, len(st.token_ids))
+                start = pending.get(out.index, len(st.out.token_ids))
                 for delta in st.feed(out):
                     yield self._chunk(out.index, _delta_json(delta), self._take_logprobs(st, start))
-                    start = len(st.token_ids)
+                    start = len(st.out.token_ids)
                 pending[out.index] = start
                 if st.finished:
                     last = all(c.finished for c in self.choices)
@@ -137,9 +138,10 @@ class ChatReply:
         return sse(chunk)
 
     def _take_logprobs(self, st: ChoiceState, start: int) -> dict | None:
-        if not self.logprobs or start >= len(st.logprobs):
+        o = st.out
+        if not self.logprobs or start >= len(o.logprobs or ()):
             return None
-        return self._logprobs(st.token_ids[start:], st.logprobs[start:], st.top_logprobs[start:])
+        return self._logprobs(o.token_ids[start:], o.logprobs[start:], o.top_logprobs[start:])
 
     def _logprobs(self, ids: list[int], logprobs: list[float], top: list[list[tuple[int, float]]]) -> dict:
         tok = self.ctx.tokenizer
@@ -148,9 +150,9 @@ class ChatReply:
 
     def usage(self) -> dict:
         prompt = self.handle.num_prompt_tokens[0]
-        completion = sum(len(c.token_ids) for c in self.choices)
+        completion = sum(len(c.out.token_ids) for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": self.choices[0].num_cached_tokens},
+                "prompt_tokens_details": {"cached_tokens": self.choices[0].out.num_cached_tokens},
                 "completion_tokens_details": {
                     "reasoning_tokens": sum(c.reasoning_tokens(self.ctx.think_end_id) for c in self.choices)}}
 
@@ -197,8 +199,7 @@ async def completions(request: Request):
         params = replace(params, prompt_logprobs=req.logprobs)
     work = []
     for p in prompts:
-        if error := context_error(len(p), params.max_tokens, ctx.limit, prompt_field="prompt"):
-            raise error
+        ctx.check_context(len(p), params.max_tokens, "prompt")
         work += samples(p, params, req.n)
     handle = await ctx.submit("cmpl", work)
     reply = CompletionReply(ctx, handle, model, prompts, req)
@@ -246,55 +247,47 @@ class CompletionReply:
                  req: CompletionRequest):
         self.ctx, self.handle, self.model, self.prompts, self.req = ctx, handle, model, prompts, req
         self.id, self.created = new_id("cmpl-"), int(time.time())
-        n = len(handle.request_ids)
-        self.text, self.tokens = [""] * n, [[] for _ in range(n)]
-        self.logprobs = [[] for _ in range(n)]
-        self.top = [[] for _ in range(n)]
-        self.reasons: list[str | None] = [None] * n
-        self.prompt_logprobs: list[dict | None] = [None] * n  # the echoed prompt's part, once it came
+        self.choices = [CompletionOutput(i) for i in range(len(handle.request_ids))]
 
     def _echo(self, index: int) -> str:
         return self.ctx.tokenizer.decode(self.prompts[index // self.req.n]) if self.req.echo else ""
 
-    def _feed(self, out) -> None:
-        i = out.index
-        if out.prompt_logprobs is not None:
-            ids = self.prompts[i // self.req.n]
-            self.prompt_logprobs[i] = self._logprobs(ids, out.prompt_logprobs, out.prompt_top_logprobs, 0)
-        self.text[i] += out.text
-        self.tokens[i] += out.token_ids
-        if out.logprobs is not None:
-            self.logprobs[i] += out.logprobs
-            self.top[i] += out.top_logprobs
-        self.reasons[i] = out.finish_reason
+    def _prompt_logprobs(self, index: int) -> dict | None:
+        """The echoed prompt's part of the logprobs, once the choice's first output brought it."""
+        c = self.choices[index]
+        if c.prompt_logprobs is None:
+            return None
+        return self._logprobs(self.prompts[index // self.req.n], c.prompt_logprobs, c.prompt_top_logprobs, 0)
 
     async def whole(self) -> dict:
         async for out in outputs(self.handle, self.ctx.config.keepalive_seconds):
             if out is not None:
-                self._feed(out)
-        choices = [{"index": i, "text": self._echo(i) + self.text[i], "finish_reason": self.reasons[i],
-                    "logprobs": joined(self.prompt_logprobs[i], self._logprobs(self.tokens[i], self.logprobs[i],
-                                                                               self.top[i], len(self._echo(i))))}
-                   for i in range(len(self.text))]
+                self.choices[out.index].add(out)
+        choices = [{"index": i, "text": self._echo(i) + c.text, "finish_reason": c.finish_reason,
+                    "logprobs": joined(self._prompt_logprobs(i), self._logprobs(c.token_ids, c.logprobs or [],
+                                                                                c.top_logprobs or [],
+                                                                                len(self._echo(i))))}
+                   for i, c in enumerate(self.choices)]
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
 
     async def stream(self) -> AsyncIterator[str]:
         try:
-            offsets = [len(self._echo(i)) for i in range(len(self.text))]
+            n = len(self.choices)
+            offsets = [len(self._echo(i)) for i in range(n)]
             # With logprobs, a choice's echo waits for its first output, which brings the prompt's logprobs.
-            waiting = set(range(len(self.text))) if self.req.echo and self.req.logprobs is not None else set()
+            waiting = set(range(n)) if self.req.echo and self.req.logprobs is not None else set()
             if self.req.echo and not waiting:
-                for i in range(len(self.text)):
+                for i in range(n):
                     yield self._chunk(i, self._echo(i))
             async for out in outputs(self.handle, self.ctx.config.keepalive_seconds):
                 if out is None:
                     yield KEEPALIVE
                     continue
-                self._feed(out)
+                self.choices[out.index].add(out)
                 if out.index in waiting:
                     waiting.discard(out.index)
-                    yield self._chunk(out.index, self._echo(out.index), self.prompt_logprobs[out.index])
+                    yield self._chunk(out.index, self._echo(out.index), self._prompt_logprobs(out.index))
                 lp = self._logprobs(out.token_ids, out.logprobs or [], out.top_logprobs or [], offsets[out.index])
                 offsets[out.index] += len(out.text)
                 if out.text or out.finish_reason:
@@ -328,7 +321,7 @@ class CompletionReply:
 
     def usage(self) -> dict:
         prompt = sum(self.handle.num_prompt_tokens[::self.req.n])
-        completion = sum(len(t) for t in self.tokens)
+        completion = sum(len(c.token_ids) for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

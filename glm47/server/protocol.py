@@ -11,11 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from glm47.engine.sampling import SamplingParams
-
-# GLM-4.7's recommended sampling (model card; Z.ai API defaults), used when a request omits it.
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_TOP_P = 0.95
+from glm47.sampling_params import RECOMMENDED_TEMPERATURE, RECOMMENDED_TOP_P, ContextTooLong, SamplingParams
 
 
 class ApiError(Exception):
@@ -173,12 +169,13 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             bias = {int(k): v for k, v in req.logit_bias.items()}
         except ValueError:
             raise bad_request("logit_bias keys must be token ids", "logit_bias") from None
-    temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+    # GLM-4.7's recommended sampling when a request omits it
+    temperature = RECOMMENDED_TEMPERATURE if req.temperature is None else req.temperature
     if req.do_sample is False:
         temperature = 0.0
     given = {name: getattr(req, name) for name in ("top_k", "min_p", "repetition_penalty", "presence_penalty",
                                                   "frequency_penalty") if getattr(req, name) is not None}
-    kw = dict(temperature=temperature, top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p, **given,
+    kw = dict(temperature=temperature, top_p=RECOMMENDED_TOP_P if req.top_p is None else req.top_p, **given,
               seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
               stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
               skip_special_tokens=req.skip_special_tokens,
@@ -308,22 +305,20 @@ def max_tokens_of(req: ChatCompletionRequest) -> tuple[int | None, str]:
     return req.max_tokens, "max_tokens"
 
 
-def context_error(num_prompt: int, max_tokens: int | None, limit: int, max_tokens_field: str = "max_tokens",
-                  prompt_field: str = "messages") -> ApiError | None:
-    """The OpenAI-style context-length error (OpenAI's and vLLM's wording, which clients match), or None if
-    it fits. `param` names what to shrink: the prompt when it alone fills the context, else max_tokens."""
-    if max_tokens is None:
-        if num_prompt < limit:
-            return None
-        message = (f"This model's maximum context length is {limit} tokens. However, your messages resulted "
-                   f"in {num_prompt} tokens. Please reduce the length of the messages.")
-        return bad_request(message, prompt_field, "context_length_exceeded")
-    if num_prompt + max(max_tokens, 1) <= limit:
-        return None
-    message = (f"This model's maximum context length is {limit} tokens. However, you requested "
-               f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the "
-               f"completion). Please reduce the length of the messages or completion.")
-    if num_prompt >= limit:
-        return bad_request(message, prompt_field, "context_length_exceeded")
-    message += f" With these messages {max_tokens_field} can be at most {limit - num_prompt}."
-    return bad_request(message, max_tokens_field, "context_length_exceeded")
+def context_error(e: ContextTooLong) -> ApiError:
+    """The OpenAI-style context-length error (OpenAI's and vLLM's wording, which clients match). `param` names
+    what to shrink: the prompt when it alone fills the context, else max_tokens."""
+    limit, num_prompt, max_tokens = e.limit, e.num_prompt_tokens, e.max_tokens
+    intro = f"This model's maximum context length is {limit} tokens. However, "
+    if e.lower_bound:
+        message = (f"{intro}your {e.prompt_field} resulted in more than {num_prompt} tokens. Please reduce the "
+                   f"length of the {e.prompt_field}.")
+    elif max_tokens is None:
+        message = (f"{intro}your messages resulted in {num_prompt} tokens. Please reduce the length of the "
+                   f"messages.")
+    else:
+        message = (f"{intro}you requested {num_prompt + max_tokens} tokens ({num_prompt} in the messages, "
+                   f"{max_tokens} in the completion). Please reduce the length of the messages or completion.")
+        if not e.prompt_overflows:
+            message += f" With these messages {e.max_tokens_field} can be at most {limit - num_prompt}."
+    return bad_request(message, e.field, "context_length_exceeded")

@@ -28,7 +28,7 @@ from glm47.parsers import Delta
 from glm47.server.async_engine import GenerationError, RequestHandle
 from glm47.server.context import ServerContext, new_id
 from glm47.server.protocol import (MAX_MESSAGES, MAX_TOOLS, Body, SamplingFields, bad_request, body_schema,
-                                   chat_tools, context_error, order_tool_results, parse_body, samples,
+                                   chat_tools, order_tool_results, parse_body, samples,
                                    sampling_params)
 from glm47.server.streaming import (KEEPALIVE, ChoiceState, abort_on_disconnect, block_events, parsed_reply,
                                     sse, sse_response)
@@ -73,8 +73,7 @@ async def create_response(request: Request):
     messages = to_messages(items, req.instructions)
     params = sampling_params(req, req.max_output_tokens, None, "max_output_tokens")
     prompt = await ctx.render_chat(messages, tools, thinking, clear_thinking=False)
-    if error := context_error(len(prompt), req.max_output_tokens, ctx.limit, "max_output_tokens", "input"):
-        raise error
+    ctx.check_context(len(prompt), req.max_output_tokens, "input", "max_output_tokens")
     handle = await ctx.submit("resp", samples(prompt, params, 1))
     reply = ResponseReply(ctx, handle, model, tools, thinking, req, items, _kept(request), namespaces)
     if req.stream:
@@ -237,7 +236,7 @@ class ResponseReply:
                 "metadata": {}}
 
     def finish(self, output: list[dict]) -> dict:
-        status = "incomplete" if self.st.engine_reason == "length" else "completed"
+        status = "incomplete" if self.st.out.finish_reason == "length" else "completed"
         if self.req.store:
             self.kept[self.id] = self.items + output
             while len(self.kept) > RESPONSES_KEPT:
@@ -276,8 +275,8 @@ class ResponseReply:
             self.handle.abort()
 
     def usage(self) -> dict:
-        prompt, out = self.handle.num_prompt_tokens[0], len(self.st.token_ids)
-        return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": self.st.num_cached_tokens},
+        prompt, out = self.handle.num_prompt_tokens[0], len(self.st.out.token_ids)
+        return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": self.st.out.num_cached_tokens},
                 "output_tokens": out,
                 "output_tokens_details": {"reasoning_tokens": self.st.reasoning_tokens(self.ctx.think_end_id)},
                 "total_tokens": prompt + out}

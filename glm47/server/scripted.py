@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from glm47.chat import EOS_TOKEN_IDS, Tokenizer
 from glm47.engine.llm_engine import EngineStats, StepOutput
-from glm47.engine.sampling import SamplingParams
+from glm47.sampling_params import SamplingParams
 
 USER = 151336  # <|user|>: how GLM ends a turn that hands over to the user
 

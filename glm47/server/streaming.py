@@ -1,7 +1,7 @@
 """Streaming plumbing shared by the OpenAI and Anthropic endpoints: SSE framing, iterating a request's
 outputs with keep-alive ticks, aborting on client disconnect, and ChoiceState, which parses one choice's
-text into reasoning / content / tool-call deltas as it streams (glm47/parsers) and keeps what the final
-answer and the usage need. The wire shapes of each API live in openai_api.py and anthropic_api.py."""
+text into reasoning / content / tool-call deltas as it streams (glm47/parsers) and adds up its output
+(glm47/text's CompletionOutput) for the final answer and the usage. The wire shapes of each API live in openai_api.py and anthropic_api.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from glm47.parsers import Delta, OutputStream, ParsedOutput, parse_output
-from glm47.server.async_engine import Output, RequestHandle
+from glm47.server.async_engine import RequestHandle
+from glm47.text import CompletionOutput, TextDelta, chat_finish_reason
 
 DONE = "data: [DONE]\n\n"
 KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see the connection is alive
@@ -32,7 +33,7 @@ def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def outputs(handle: RequestHandle, keepalive: float) -> AsyncIterator[Output | None]:
+async def outputs(handle: RequestHandle, keepalive: float) -> AsyncIterator[TextDelta | None]:
     """The request's outputs until every sample finished, with a None at least every `keepalive` seconds
     (during a long prefill, or while a tool call is held back until it closes), so the stream can send a
     keep-alive and notice a client that left."""
@@ -92,50 +93,37 @@ async def abort_on_disconnect(request: Request, handle: RequestHandle):
 
 
 class ChoiceState:
-    """One choice of a chat reply. feed() each Output; it returns the parsed deltas to stream."""
+    """One choice of a chat reply. feed() each TextDelta; it returns the parsed deltas to stream."""
 
     def __init__(self, tools: list[dict] | None, thinking: bool, call_id: Callable[[int], str] | None = None):
         self.tools, self.thinking, self.call_id = tools, thinking, call_id
         self.parser = OutputStream(tools, thinking=thinking, call_id=call_id)
-        self.text: list[str] = []
-        self.token_ids: list[int] = []
-        self.logprobs: list[float] = []
-        self.top_logprobs: list[list[tuple[int, float]]] = []
-        self.engine_reason: str | None = None  # 'stop' | 'length' | 'abort' once finished
-        self.stop_string: str | None = None
-        self.num_cached_tokens = 0
+        self.out = CompletionOutput(0)  # the choice's text, tokens, logprobs and engine finish reason so far
 
     @property
     def finished(self) -> bool:
-        return self.engine_reason is not None
+        return self.out.finished
 
-    def feed(self, out: Output) -> list[Delta]:
-        self.text.append(out.text)
-        self.token_ids += out.token_ids
-        if out.logprobs is not None:
-            self.logprobs += out.logprobs
-            self.top_logprobs += out.top_logprobs
-        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
-        deltas = self.parser.feed(out.text) if out.text else []
-        if out.finish_reason is not None:
+    def feed(self, d: TextDelta) -> list[Delta]:
+        self.out.add(d)
+        deltas = self.parser.feed(d.text) if d.text else []
+        if d.finish_reason is not None:
             deltas += self.parser.close()
-            self.engine_reason, self.stop_string = out.finish_reason, out.stop_string
         return deltas
 
     @property
     def stream_finish_reason(self) -> str | None:
-        """The finish reason of the streamed reply: a stop after complete tool calls is 'tool_calls'."""
-        calls = self.parser.num_tool_calls
-        return "tool_calls" if calls and self.engine_reason == "stop" else self.engine_reason
+        """The finish reason of the streamed reply (complete calls are the ones the stream sent)."""
+        return chat_finish_reason(self.out.finish_reason, self.parser.num_tool_calls)
 
     def parsed(self) -> tuple[ParsedOutput, str | None]:
         """The whole reply parsed at once (a cut-off call is content) and its finish reason."""
-        out = parse_output("".join(self.text), self.tools, thinking=self.thinking, call_id=self.call_id)
-        return out, "tool_calls" if out.tool_calls and self.engine_reason == "stop" else self.engine_reason
+        out = parse_output(self.out.text, self.tools, thinking=self.thinking, call_id=self.call_id)
+        return out, chat_finish_reason(self.out.finish_reason, len(out.tool_calls))
 
     def reasoning_tokens(self, think_end_id: int) -> int:
         """Tokens up to and including </think> (all of them if it never came), when the reply began thinking."""
         if not self.thinking:
             return 0
-        ids = self.token_ids
+        ids = self.out.token_ids
         return ids.index(think_end_id) + 1 if think_end_id in ids else len(ids)
