@@ -19,7 +19,7 @@ def __getattr__(name: str):
 
         return LLM
     if name == "SamplingParams":
-        from glm47.engine.sampling import SamplingParams
+        from glm47.sampling_params import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'glm47' has no attribute {name!r}")

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from glm47.agent import run_agent
 from glm47.cli.common import SPECULATIVE_HELP, model_dir
+from glm47.sampling_params import RECOMMENDED_TOP_P, SamplingParams
 
 COMMANDS_HELP = ("commands: /think on|off switches thinking, /clear (or /reset) starts a new conversation, "
                  "/help shows this, /exit (or EOF) leaves")
@@ -146,11 +147,11 @@ def open_model(args: argparse.Namespace) -> tuple[Any, Any]:
             client.models()  # fail now, with the reason, rather than on the first message
         except ServerError as e:
             raise ValueError(f"--url {args.url}: {e}") from None
-        options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=0.95, seed=args.seed)
+        options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=RECOMMENDED_TOP_P,
+                       seed=args.seed)
         return RemoteModel(client, options), None
-    from glm47.engine.sampling import SamplingParams
-
-    params = SamplingParams(temperature=args.temperature, top_p=0.95, max_tokens=args.max_tokens, seed=args.seed)
+    params = SamplingParams(temperature=args.temperature, top_p=RECOMMENDED_TOP_P, max_tokens=args.max_tokens,
+                            seed=args.seed)
     return load_llm(model_dir(args.model, "--model or --url"), args.dtype, args.speculative_tokens), params
 
 

@@ -7,6 +7,7 @@ import json
 import sys
 
 from glm47.cli.common import SPECULATIVE_HELP
+from glm47.sampling_params import RECOMMENDED_TEMPERATURE, RECOMMENDED_TOP_P, SamplingParams
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", action="store_true", help="complete PROMPT as plain text, without the chat template")
     p.add_argument("--no-thinking", action="store_true", help="switch thinking off for this turn")
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=RECOMMENDED_TEMPERATURE)
+    p.add_argument("--top-p", type=float, default=RECOMMENDED_TOP_P)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -84,7 +85,6 @@ class Printer:
 
 def run(args: argparse.Namespace) -> int:
     from glm47.cli.common import model_dir
-    from glm47.engine.sampling import SamplingParams
     from glm47.llm import LLM
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,

@@ -1,7 +1,8 @@
 """Streaming plumbing shared by the OpenAI and Anthropic endpoints: SSE framing, iterating a request's
 outputs with keep-alive ticks, aborting on client disconnect, and ChoiceState, which parses one choice's
 text into reasoning / content / tool-call deltas as it streams (glm47/parsers) and adds up its output
-(glm47/text's CompletionOutput) for the final answer and the usage. The wire shapes of each API live in openai_api.py and anthropic_api.py."""
+(glm47/text's CompletionOutput) for the final answer and the usage. The wire shapes of each API live in
+openai_api.py, anthropic_api.py and responses_api.py."""
 
 from __future__ import annotations
 
