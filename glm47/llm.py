@@ -9,7 +9,6 @@ prompt rendering, `n` samples, and parsing reasoning / tool calls out of chat re
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +132,7 @@ class LLM:
         params = sampling_params or self.default_chat_params()
         parser = OutputStream(tools, thinking=thinking)
         reason = None
-        for d in self._stream([ids], [dataclasses.replace(params, n=1)]):
+        for d in self._stream([ids], [params.for_sample(0)]):
             for delta in parser.feed(d.text):
                 yield ChatChunk(delta)
             reason = d.finish_reason or reason
@@ -175,10 +174,8 @@ class LLM:
         driver = TextDriver(self.engine, self.tokenizer)
         try:
             for i, (ids, p) in enumerate(zip(id_lists, params)):
-                for k in range(p.n):
-                    # n samples are n requests; the prefix cache shares their prompt blocks.
-                    seed = None if p.seed is None else p.seed + k
-                    driver.add(ids, dataclasses.replace(p, n=1, seed=seed), i, k)
+                for k in range(p.n):  # n samples are n requests; the prefix cache shares their prompt blocks
+                    driver.add(ids, p.for_sample(k), i, k)
             while driver:
                 yield from driver.step()
         finally:

@@ -6,7 +6,7 @@ The sampler that applies these settings to logits is glm47/engine/sampling.py.""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Integral, Real
 
 # Temperatures below this count as greedy, as in vLLM: dividing by ~0 overflows logits to inf and softmax to NaN.
@@ -132,9 +132,20 @@ class SamplingParams:
         """GLM-4.7's recommended sampling (RECOMMENDED_TEMPERATURE, RECOMMENDED_TOP_P) with `settings` on top."""
         return cls(**{"temperature": RECOMMENDED_TEMPERATURE, "top_p": RECOMMENDED_TOP_P, **settings})
 
+    def for_sample(self, k: int) -> SamplingParams:
+        """The settings of sample k of n (n samples are n engine requests): n=1, and seed + k (kept within the
+        64 bits a seed has), so that seeded samples differ from each other and each is reproducible."""
+        seed = self.seed if self.seed is None or k == 0 else _wrap64(self.seed + k)
+        return self if (self.n, seed) == (1, self.seed) else replace(self, n=1, seed=seed)
+
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+
+def _wrap64(seed: int) -> int:
+    """seed + k kept within the 64-bit seeds a generator takes (2**64 - 1 + 1 becomes 0)."""
+    return seed - 2**64 if seed >= 2**64 else seed
 
 
 def _real(name: str, value) -> float:

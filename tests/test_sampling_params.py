@@ -53,3 +53,12 @@ def test_context_too_long_carries_the_requests_own_field_names():
     bound = ContextTooLong(500, None, 200, "messages", lower_bound=True)
     assert bound.field == "messages"
     assert str(bound) == "a prompt of more than 500 tokens exceeds the context of 200 tokens"
+
+
+def test_each_of_n_samples_is_one_request_with_its_own_seed():
+    p = SamplingParams(n=3, seed=2**64 - 2, max_tokens=5)
+    seeds = [p.for_sample(k).seed for k in range(3)]
+    assert seeds == [2**64 - 2, 2**64 - 1, 0]  # seed + 2 wraps around within 64 bits
+    assert all(p.for_sample(k).n == 1 and p.for_sample(k).max_tokens == 5 for k in range(3))
+    unseeded = SamplingParams(max_tokens=5)
+    assert unseeded.for_sample(0) is unseeded and unseeded.for_sample(4).seed is None

@@ -6,7 +6,6 @@ Unknown fields are accepted and ignored, as OpenAI clients send many (user, stor
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -198,14 +197,8 @@ def params_error(e: ValueError, renamed: dict[str, str] | None = None) -> ApiErr
 
 
 def samples(prompt: list[int], params: SamplingParams, n: int) -> list[tuple[list[int], SamplingParams]]:
-    """n engine requests for one prompt: distinct seeds keep seeded samples different and reproducible."""
-    return [(prompt, params if params.seed is None or k == 0 else replace(params, seed=_wrap64(params.seed + k)))
-            for k in range(n)]
-
-
-def _wrap64(seed: int) -> int:
-    """seed + k kept within the 64-bit seeds a generator takes (2**64 - 1 + 1 becomes 0)."""
-    return seed - 2**64 if seed >= 2**64 else seed
+    """n engine requests for one prompt (see SamplingParams.for_sample)."""
+    return [(prompt, params.for_sample(k)) for k in range(n)]
 
 
 def thinking_flags(req: ThinkingFields, default_clear: bool) -> tuple[bool, bool]:
