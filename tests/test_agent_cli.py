@@ -24,6 +24,7 @@ CLAUDE_CODE = "@anthropic-ai/claude-code@2.1.197"
 CODEX = "@openai/codex@0.171.0"
 CACHE = Path(os.environ.get("GLM47_AGENT_CLI_DIR", Path.home() / ".cache" / "glm47" / "agent-cli"))
 SECRET = "zebra-7731"
+pytestmark = pytest.mark.slow  # two real CLIs in subprocesses (and their npm install, the first time)
 
 
 def installed(package: str, command: str) -> Path:

@@ -55,6 +55,7 @@ def test_thinking_off_answers_without_reasoning(llm):
     assert msg.reasoning_content is None and not msg.tool_calls and "Fatima" in msg.content
 
 
+@pytest.mark.slow
 def test_held_out_conversations_score_near_the_published_figures():
     """A 24-conversation slice of `glm47 evaluate` (the README has the 200-conversation figures)."""
     model = load_model(default_model_path(), dtype=torch.float32)

@@ -27,7 +27,7 @@ def test_active_weight_bytes_counts_the_experts_a_step_can_touch():
 
     c = preset("bench")  # 64 experts, top-8, 7 MoE layers, bf16
     with torch.device("meta"):
-        model = Glm4MoeForCausalLM(c, mtp=False).bfloat16()
+        model = Glm4MoeForCausalLM(c, mtp=False, fmt=torch.bfloat16)
     expert_bytes = 7 * 64 * 3 * c.hidden_size * c.moe_intermediate_size * 2  # all routed experts
     embed_bytes = c.vocab_size * c.hidden_size * 2
     rest = sum(p.numel() * p.element_size() for p in model.parameters()) - expert_bytes - embed_bytes
@@ -46,7 +46,7 @@ def test_prefill_flops_counts_active_parameters_causal_attention_and_one_head_ro
 
     c = preset("bench")
     with torch.device("meta"):
-        model = Glm4MoeForCausalLM(c, mtp=False).bfloat16()
+        model = Glm4MoeForCausalLM(c, mtp=False, fmt=torch.bfloat16)
     H, V, D, heads, L = c.hidden_size, c.vocab_size, c.head_dim, c.num_attention_heads, c.num_hidden_layers
     total = sum(p.numel() for p in model.parameters())
     routed = 7 * 64 * 3 * H * c.moe_intermediate_size

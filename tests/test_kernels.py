@@ -1,7 +1,7 @@
-"""glm47.kernels against their torch twins: the skinny bf16 linear against F.linear, the fused routed experts
-against Experts' grouped torch path, paged decode attention against the gather + SDPA path, a whole bf16
-engine's greedy tokens with the kernels on and off, and the dispatch falling back to torch whenever a kernel
-does not apply."""
+"""glm47.kernels against their torch twins (glm47/ops/reference.py): the skinny bf16 linear against F.linear, the
+fused routed experts against the grouped torch path, paged decode attention against the gather + SDPA path, and a
+whole bf16 engine's greedy tokens with the kernels on and off. These need the kernels, so an AVX512-BF16 CPU; the
+dispatch itself (which implementation runs when) is tested on every CPU in test_ops.py."""
 
 import logging
 
@@ -15,17 +15,14 @@ from glm47.checkpoint.writer import init_checkpoint
 from glm47.config import preset
 from glm47.engine.config import EngineConfig
 from glm47.engine.llm_engine import LLMEngine
-from glm47.engine.paged_attention import decode_attention
 from glm47.engine.sampling import SamplingParams
 from glm47.model import layers
-from glm47.model.moe import MoE, Experts, select_experts
+from glm47.model.linear import FusedExperts
+from glm47.model.moe import MoE
+from glm47.ops import CPU_BF16, REFERENCE, use
+from glm47.ops.reference import decode_attention, routed_experts, select_experts
 
 pytestmark = pytest.mark.skipif(not kernels.cpu_has_avx512_bf16(), reason="the kernels need an AVX512-BF16 CPU")
-
-
-@pytest.fixture(autouse=True)
-def kernels_on(monkeypatch):
-    monkeypatch.delenv("GLM47_KERNELS", raising=False)
 
 
 def bf16_close(got, want, min_equal=0.99):
@@ -69,7 +66,7 @@ def test_linear_takes_leading_dims_and_strided_rows():
 
 def random_experts(E, H, I, seed):
     torch.manual_seed(seed)
-    ex = Experts(E, H, I).bfloat16().requires_grad_(False)
+    ex = FusedExperts(E, H, I, fmt=torch.bfloat16).requires_grad_(False)
     torch.nn.init.normal_(ex.w13, std=H ** -0.5)
     torch.nn.init.normal_(ex.w2, std=I ** -0.5)
     return ex
@@ -91,26 +88,22 @@ EXPERT_CASES = [(E, H, I, T, K) for E, H, I in [(8, 64, 32), (6, 40, 20), (16, 2
 
 
 @pytest.mark.parametrize("E, H, I, T, K", EXPERT_CASES)
-def test_routed_experts_equal_the_grouped_torch_path(monkeypatch, E, H, I, T, K):
+def test_routed_experts_equal_the_grouped_torch_path(E, H, I, T, K):
     ex = random_experts(E, H, I, seed=T * 10 + K)
     x = torch.randn(T, H).bfloat16()
     weights, ids = routing(T, E, K, seed=T + K)
     got = kernels.routed_experts(x, ex.w13, ex.w2, weights, ids)
-    monkeypatch.setenv("GLM47_KERNELS", "0")
-    with torch.no_grad():
-        want = ex(x, weights, ids)
+    want = routed_experts(x, ex.w13, ex.w2, weights, ids)
     bf16_close(got, want, min_equal=0.95)
 
 
-def test_routed_experts_with_every_token_on_one_expert_and_most_experts_idle(monkeypatch):
+def test_routed_experts_with_every_token_on_one_expert_and_most_experts_idle():
     ex = random_experts(8, 64, 48, seed=1)
     x = torch.randn(11, 64).bfloat16()
     ids = torch.full((11, 1), 5)
     weights = torch.rand(11, 1)
     got = kernels.routed_experts(x, ex.w13, ex.w2, weights, ids)
-    monkeypatch.setenv("GLM47_KERNELS", "0")
-    with torch.no_grad():
-        bf16_close(got, ex(x, weights, ids), min_equal=0.95)
+    bf16_close(got, routed_experts(x, ex.w13, ex.w2, weights, ids), min_equal=0.95)
 
 
 def test_routed_experts_rejects_an_expert_id_out_of_range():
@@ -121,18 +114,19 @@ def test_routed_experts_rejects_an_expert_id_out_of_range():
 
 def moe_layer(config, seed):
     torch.manual_seed(seed)
-    moe = MoE(config)
+    moe = MoE(config, fmt=torch.bfloat16)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=config.hidden_size ** -0.5)
     moe.gate.e_score_correction_bias.normal_(0, 0.01)
-    return moe.bfloat16().requires_grad_(False)
+    use(moe, CPU_BF16)
+    return moe.requires_grad_(False)
 
 
 @pytest.mark.parametrize("T", [1, 3, 16, 100, 300])
 @pytest.mark.parametrize("shared_width", [0, 1, 2])  # no shared expert, one as wide as a routed one, twice as wide
 def test_moe_block_with_router_and_shared_expert_kernels_equals_the_torch_path(monkeypatch, T, shared_width):
     """MoE.forward takes kernels.route (for <= ROUTE_MAX_TOKENS tokens) and one routed_experts call with the shared
-    expert inside; the torch path (select_experts, Experts, MLP, y + shared) gives the same bf16 values."""
+    expert inside; the torch twin (select_experts, routed_experts, MLP, y + shared) gives the same bf16 values."""
     config = preset("bench").replace(hidden_size=96, moe_intermediate_size=40, n_routed_experts=12,
                                      num_experts_per_tok=4, n_shared_experts=shared_width)
     moe = moe_layer(config, seed=T + shared_width)
@@ -144,7 +138,7 @@ def test_moe_block_with_router_and_shared_expert_kernels_equals_the_torch_path(m
     with torch.inference_mode():
         got = moe(x)
         assert len(calls) == (2 if T <= kernels.ROUTE_MAX_TOKENS else 1)
-        monkeypatch.setenv("GLM47_KERNELS", "0")
+        use(moe, REFERENCE)
         want = moe(x)
     bf16_close(got, want, min_equal=0.95)
 
@@ -173,7 +167,7 @@ ATTENTION_CASES = [(c, B, S) for c in [(64, 16, 2, 128, 16), (40, 4, 2, 32, 4), 
 
 
 @pytest.mark.parametrize("cache, B, S", ATTENTION_CASES)
-def test_decode_attention_is_as_exact_as_the_gathered_sdpa(monkeypatch, cache, B, S):
+def test_decode_attention_is_as_exact_as_the_gathered_sdpa(cache, B, S):
     """Against float64 attention over the same bf16 inputs, the kernel's error is no larger than that of its twin
     (gathered blocks, SDPA in bf16), and the two agree within a bf16 ulp or two."""
     nb, bs, Hkv, D, H = cache
@@ -187,7 +181,6 @@ def test_decode_attention_is_as_exact_as_the_gathered_sdpa(monkeypatch, cache, B
     q = 2 * torch.randn(B, H, D, generator=g).bfloat16()
     mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :] if B > 1 else None
     got = kernels.decode_attention(q, k_cache, v_cache, tables, lens).float()
-    monkeypatch.setenv("GLM47_KERNELS", "0")
     twin = decode_attention(q, k_cache, v_cache, tables, mask, S, lens).float()
     exact = decode_attention(q.double(), k_cache.double(), v_cache.double(), tables, mask, S, lens).float()
     assert (got - exact).abs().mean() <= 1.05 * (twin - exact).abs().mean() + 1e-6
@@ -243,7 +236,7 @@ def test_prefill_attention_rejects_a_block_table_too_short():
 def test_qk_norm_rope_equals_rmsnorm_then_apply_rope(T, H, Hkv, D, rot, norm):
     g = torch.Generator().manual_seed(T * 10 + D)
     qkv = (3 * torch.randn(2, T, (H + 2 * Hkv) * D, generator=g)).bfloat16()
-    q_norm, k_norm = layers.RMSNorm(D, 1e-5).bfloat16(), layers.RMSNorm(D, 1e-5).bfloat16()
+    q_norm, k_norm = layers.RMSNorm(D, 1e-5, torch.bfloat16), layers.RMSNorm(D, 1e-5, torch.bfloat16)
     q_norm.weight.data = (torch.rand(D, generator=g) + 0.5).bfloat16()
     k_norm.weight.data = (torch.rand(D, generator=g) + 0.5).bfloat16()
     cos, sin = layers.RotaryEmbedding(rot, 1e6)(torch.randint(0, 200000, (2, T), generator=g), torch.bfloat16)
@@ -260,68 +253,22 @@ def test_qk_norm_rope_equals_rmsnorm_then_apply_rope(T, H, Hkv, D, rot, norm):
 
 
 @pytest.mark.parametrize("T, D", [(1, 1024), (16, 1024), (300, 96), (5, 40)])
-def test_rms_norm_and_add_and_norm_equal_the_torch_rmsnorm(monkeypatch, T, D):
+def test_rms_norm_and_add_and_norm_equal_the_torch_rmsnorm(T, D):
     g = torch.Generator().manual_seed(T + D)
-    norm = layers.RMSNorm(D, 1e-5).bfloat16()
+    norm = layers.RMSNorm(D, 1e-5, torch.bfloat16)
     norm.weight.data = (torch.rand(D, generator=g) + 0.5).bfloat16()
     x = (4 * torch.randn(2, T, D, generator=g)).bfloat16()
     h = torch.randn(2, T, D, generator=g).bfloat16()
     with torch.inference_mode():
         got = kernels.rms_norm(x, norm.weight, 1e-5)
+        norm.ops = CPU_BF16
         got_sum, got_norm = norm.add_and_norm(x, h)
-        monkeypatch.setenv("GLM47_KERNELS", "0")
+        norm.ops = REFERENCE
         want = norm(x)
         want_sum, want_norm = norm.add_and_norm(x, h)
     bf16_close(got, want, min_equal=0.999)
     assert torch.equal(got_sum, want_sum)  # one bf16 add: exact
     bf16_close(got_norm, want_norm, min_equal=0.999)
-
-
-# ---- dispatch
-
-
-def test_fits_only_few_bf16_cpu_rows_without_autograd(monkeypatch):
-    w = torch.randn(8, 32).bfloat16()
-    x = torch.randn(4, 32).bfloat16()
-    assert kernels.fits(x, w, max_rows=4)
-    assert not kernels.fits(torch.randn(5, 32).bfloat16(), w, max_rows=4)  # too many rows
-    assert not kernels.fits(x.float(), w.float(), max_rows=4)  # float32
-    assert not kernels.fits(x, w.requires_grad_(), max_rows=4)  # autograd would need a backward
-    with torch.no_grad():
-        assert kernels.fits(x, w, max_rows=4)
-    w.requires_grad_(False)
-    monkeypatch.setenv("GLM47_KERNELS", "0")
-    assert not kernels.fits(x, w, max_rows=4)
-    monkeypatch.setenv("GLM47_KERNELS", "1")
-    monkeypatch.setattr(kernels, "extension", lambda: None)  # the build failed
-    assert not kernels.fits(x, w, max_rows=4)
-
-
-def test_layers_linear_falls_back_to_f_linear_bit_for_bit(monkeypatch):
-    calls = []
-    monkeypatch.setattr(kernels, "linear", lambda *a, **k: calls.append(a) or F.linear(*a[:3]))
-    x, w = torch.randn(3, 40).bfloat16(), torch.randn(24, 40).bfloat16()
-    layers.linear(x, w)
-    assert len(calls) == 1, "a 3-row bf16 linear should take the kernel"
-    monkeypatch.setenv("GLM47_KERNELS", "0")
-    assert torch.equal(layers.linear(x, w), F.linear(x, w))
-    monkeypatch.delenv("GLM47_KERNELS")
-    big = torch.randn(kernels.LINEAR_MAX_ROWS + 1, 40).bfloat16()
-    assert torch.equal(layers.linear(big, w), F.linear(big, w))
-    assert torch.equal(layers.linear(x.float(), w.float()), F.linear(x.float(), w.float()))
-    assert len(calls) == 1
-
-
-def test_a_failed_build_warns_once_and_returns_none(monkeypatch, caplog):
-    import torch.utils.cpp_extension
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("error: command 'c++' failed: No such file or directory")
-
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    with caplog.at_level(logging.WARNING, logger="glm47.kernels"):
-        assert kernels.extension.__wrapped__() is None
-    assert len(caplog.records) == 1 and "using torch instead" in caplog.records[0].getMessage()
 
 
 # ---- a whole model
@@ -331,7 +278,7 @@ def test_a_failed_build_warns_once_and_returns_none(monkeypatch, caplog):
 def bf16_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-bf16")
     init_checkpoint(preset("tiny"), path, seed=0)
-    return load_model(path, dtype=torch.bfloat16)
+    return load_model(path, dtype=torch.bfloat16)  # GLM47_KERNELS unset: the kernels
 
 
 def generate(model, prompts, max_tokens=10):
@@ -356,10 +303,14 @@ def test_bf16_engine_gives_the_same_greedy_tokens_with_kernels_on_and_off(bf16_m
             return real(*args, **kw)
 
         monkeypatch.setattr(kernels, name, spy)
+    assert bf16_model.ops is CPU_BF16
     on = generate(bf16_model, prompts)
     assert all(counts.values()), counts
-    monkeypatch.setenv("GLM47_KERNELS", "0")
+    bf16_model.use_ops(REFERENCE)
     before = dict(counts)
-    off = generate(bf16_model, prompts)
-    assert counts == before, "GLM47_KERNELS=0 must keep every call on the torch path"
+    try:
+        off = generate(bf16_model, prompts)
+    finally:
+        bf16_model.use_ops(CPU_BF16)
+    assert counts == before, "the torch ops must keep every call off the kernels"
     assert on == off

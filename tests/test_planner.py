@@ -1,5 +1,5 @@
 """The planner's arithmetic, checked against numbers derived another way: the checkpoint tensors of a
-torch model built on the meta device (names and shapes via checkpoint/spec.py), published parameter
+torch model built on the meta device (names and shapes as its layers declare them), published parameter
 counts, the KV formula written out, and the official GLM-4.5/4.7 deployment table."""
 
 import itertools
@@ -23,7 +23,7 @@ _checkpoints: dict = {}
 
 def checkpoint_shapes(name: str, mtp: bool = True) -> dict[str, tuple[int, ...]]:
     """Official checkpoint key -> shape, from our torch model built on the meta device (no memory)."""
-    from glm47.checkpoint.spec import model_tensors, official_keys, tensor_view
+    from glm47.checkpoint.writer import checkpoint_shapes as layer_shapes
     from glm47.model.glm4_moe import Glm4MoeForCausalLM
 
     c = preset(name)
@@ -31,8 +31,7 @@ def checkpoint_shapes(name: str, mtp: bool = True) -> dict[str, tuple[int, ...]]
     if key not in _checkpoints:
         with torch.device("meta"):
             model = Glm4MoeForCausalLM(c, mtp=mtp)
-        tensors = model_tensors(model)
-        _checkpoints[key] = {k: tuple(tensor_view(tensors, k, model).shape) for k in official_keys(model)}
+        _checkpoints[key] = layer_shapes(model)
     return _checkpoints[key]
 
 

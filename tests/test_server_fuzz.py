@@ -21,6 +21,7 @@ from glm47.server.app import create_app
 from glm47.server.context import ServerConfig
 
 EXAMPLES = 30  # per route and mode
+pytestmark = pytest.mark.slow  # hundreds of requests through the real engine
 
 
 @pytest.fixture(scope="module")

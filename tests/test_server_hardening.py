@@ -188,6 +188,7 @@ def test_huge_lists_are_refused_before_any_work(real):
     assert served_ok(url)
 
 
+@pytest.mark.slow
 def test_a_12_mb_body_does_not_delay_health(tok):
     """Its prompt is rendered and tokenized in a worker thread that releases the GIL."""
     engine = ScriptedEngine(tok, script, max_model_len=10**6)  # the text could fit: it is really tokenized

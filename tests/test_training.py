@@ -274,6 +274,7 @@ def test_nano_checkpoint_fits_40_mb():
     assert n * 2 < 38e6, f"{n / 1e6:.1f}M parameters = {n * 2 / 1e6:.1f} MB in bf16 (+ ~0.1 MB tokenizer.json)"
 
 
+@pytest.mark.slow
 def test_cli_trains_and_resumes(tmp_path, capsys):
     args = ["train", "--out", str(tmp_path), "--examples", "6", "--batch-size", "2", "--vocab-size", "300",
             "--no-progress"]

@@ -19,6 +19,7 @@ from glm47.server.scripted import ScriptedEngine
 CALL = ("I will compute it.</think>Computing.<tool_call>calculator<arg_key>expression</arg_key>"
         "<arg_value>23 * 47 + 5</arg_value></tool_call>")
 ANSWER = "The tool gave 1086.</think>23 * 47 + 5 = 1086."
+pytestmark = pytest.mark.slow  # a real browser
 
 
 def reply(prompt: str) -> str:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,11 +14,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from glm47.checkpoint.spec import model_tensors, official_keys, tensor_view
 from glm47.config import ModelConfig
 from glm47.model.glm4_moe import Glm4MoeForCausalLM
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # what transformers writes by default
+
+
+def _natural_key(key: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
+def checkpoint_shapes(model: Glm4MoeForCausalLM) -> dict[str, tuple[int, ...]]:
+    """Every key of the model's official checkpoint and its shape, as the layers name them, in natural
+    (layer-numeric) order."""
+    entries = model.checkpoint_entries()
+    return {k: entries[k].shape for k in sorted(entries, key=_natural_key)}
 
 
 def _fp32_key(key: str) -> bool:
@@ -68,11 +79,12 @@ def save_checkpoint(model: Glm4MoeForCausalLM, directory: str | Path, dtype: tor
     """Writes config.json, generation_config.json and the weights of `model` in the official layout."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = model_tensors(model)
-    keys = official_keys(model)
-    dtype = dtype or model.lm_head.weight.dtype
-    shapes = {k: tuple(tensor_view(tensors, k, model).shape) for k in keys}
-    _write_shards(keys, shapes, dtype, lambda k: tensor_view(tensors, k, model).detach().cpu(), directory,
+    if model.parallel.tp_size > 1 or model.parallel.ep_size > 1:
+        raise ValueError("save_checkpoint writes a whole model; this one holds one rank's shard")
+    entries = model.checkpoint_entries()
+    shapes = checkpoint_shapes(model)
+    dtype = dtype or model.fmt.dtype
+    _write_shards(list(shapes), shapes, dtype, lambda k: entries[k].target().detach().cpu(), directory,
                   max_shard_bytes)
     config = model.config.replace(torch_dtype=str(dtype).removeprefix("torch."))
     config.save(directory)
@@ -100,11 +112,9 @@ def init_checkpoint(config: ModelConfig, directory: str | Path, seed: int = 0, d
         model = Glm4MoeForCausalLM(config, mtp=mtp)
     if not mtp:
         config = config.replace(num_nextn_predict_layers=0)
-    tensors = model_tensors(model)
-    keys = official_keys(model)
-    shapes = {k: tuple(tensor_view(tensors, k, model).shape) for k in keys}
+    shapes = checkpoint_shapes(model)
     std = config.initializer_range if std is None else std
-    names = _write_shards(keys, shapes, dtype, lambda k: random_tensor(k, shapes[k], seed, std), directory,
+    names = _write_shards(list(shapes), shapes, dtype, lambda k: random_tensor(k, shapes[k], seed, std), directory,
                           max_shard_bytes)
     config.replace(torch_dtype=str(dtype).removeprefix("torch.")).save(directory)
     write_generation_config(config, directory)
@@ -115,6 +125,4 @@ def iter_checkpoint_keys(config: ModelConfig, mtp: bool = True) -> Iterator[tupl
     """(key, shape) of every tensor an official checkpoint of `config` holds."""
     with torch.device("meta"):
         model = Glm4MoeForCausalLM(config, mtp=mtp)
-    tensors = model_tensors(model)
-    for k in official_keys(model):
-        yield k, tuple(tensor_view(tensors, k, model).shape)
+    yield from checkpoint_shapes(model).items()

@@ -4,16 +4,16 @@ call (decode steps and prefill chunks), q/k RMSNorm + RoPE, RMSNorm, one-query a
 and flash attention over it for prefill chunks. Compiled with torch.utils.cpp_extension on first use, cached in
 torch's extension directory.
 
-They only replace torch code, never add behaviour: `fits` says when they apply (CPU, bf16, AVX512-BF16, few
-enough rows, no autograd, GLM47_KERNELS not 0, the build worked), and otherwise the torch path runs. That
-torch path is their reference, rounding at the same points: tests/test_kernels.py holds the two equal."""
+They only replace torch code, never add behaviour. glm47.ops decides when they run (ops.select once per model:
+CPU, bf16, AVX512-BF16, GLM47_KERNELS not 0, the build worked; ops/cpu.py per call: few enough rows, no
+autograd); otherwise the torch twins in glm47/ops/reference.py run, which round at the same points:
+tests/test_kernels.py holds the two equal."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -70,22 +70,8 @@ def extension():
     return module if module.cpu_supported() else None
 
 
-def enabled() -> bool:
-    """GLM47_KERNELS=0 turns the kernels off (read on every call, so tests and benchmarks can flip it)."""
-    return os.environ.get("GLM47_KERNELS", "1") != "0"
-
-
-def fits(x: Tensor, weight: Tensor, max_rows: int | None = None) -> bool:
-    """Whether the kernels take this call: CPU bf16 activations and weights (or cache), at most `max_rows` rows
-    of x (any without), nothing that autograd must see, and the kernels enabled and built."""
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and (max_rows is None or x.numel() <= max_rows * x.shape[-1])
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and enabled() and extension() is not None)
-
-
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, float_out: bool = False) -> Tensor:
-    """x (..., K) @ weight (N, K).T + bias -> (..., N), bf16 (float32 with float_out). The caller checks `fits`."""
+    """x (..., K) @ weight (N, K).T + bias -> (..., N), bf16 (float32 with float_out). glm47.ops decides when it applies."""
     y = extension().linear(x.reshape(-1, x.shape[-1]), weight.contiguous(), bias, float_out)
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -94,7 +80,7 @@ def routed_experts(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Ten
                    shared_w2: Tensor | None = None) -> Tensor:
     """x (N, H) bf16, stacked experts w13 (E, 2I, H) and w2 (E, H, I), routing weights (N, K) float32 and
     expert ids (N, K) -> sum_k weights[:, k] * expert_{ids[:, k]}(x), (N, H) bf16; with a shared expert's
-    gate_up (2Is, H) and down (H, Is) weights, plus its output (added in bf16). The caller checks `fits`."""
+    gate_up (2Is, H) and down (H, Is) weights, plus its output (added in bf16). glm47.ops decides when it applies."""
     return extension().routed_experts(x.contiguous(), w13, w2, weights, ids, shared_w13, shared_w2)
 
 

@@ -12,13 +12,14 @@ from glm47.model.moe import MoE
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, parallel=None, fmt=None):
         super().__init__()
         self.layer_idx = layer_idx
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fmt)
+        self.self_attn = Attention(config, layer_idx, parallel, fmt)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fmt)
+        self.mlp = (MoE(config, parallel, fmt) if config.is_moe_layer(layer_idx)
+                    else MLP(config.hidden_size, config.intermediate_size, parallel, fmt))
 
     def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], cache) -> Tensor:
         x, h = self.post_attention_layernorm.add_and_norm(

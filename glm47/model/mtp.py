@@ -11,31 +11,33 @@ from torch import Tensor, nn
 
 from glm47.config import ModelConfig
 from glm47.model.decoder import DecoderLayer
-from glm47.model.layers import Linear, RMSNorm
+from glm47.model.layers import RMSNorm
+from glm47.model.linear import LMHead, ReplicatedLinear, VocabEmbedding
 
 
 class SharedHead(nn.Module):
-    def __init__(self, config: ModelConfig, own_head: bool):
+    def __init__(self, config: ModelConfig, own_head: bool, parallel=None, fmt=None):
         super().__init__()
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, fmt)
         # GLM-4.5 ships its own copy of the LM head here; GLM-4.6/4.7 may not, then the main head is used.
-        self.head = Linear(config.hidden_size, config.vocab_size, bias=False) if own_head else None
+        self.head = LMHead(config.hidden_size, config.vocab_size, parallel, fmt) if own_head else None
 
 
 class MTPLayer(DecoderLayer):
     """A decoder layer (same parameter names as the checkpoint's block) plus the MTP input/output parts."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, own_embed: bool = False, own_head: bool = False):
-        super().__init__(config, layer_idx)
+    def __init__(self, config: ModelConfig, layer_idx: int, own_embed: bool = False, own_head: bool = False,
+                 parallel=None, fmt=None):
+        super().__init__(config, layer_idx, parallel, fmt)
         h = config.hidden_size
-        self.enorm = RMSNorm(h, config.rms_norm_eps)
-        self.hnorm = RMSNorm(h, config.rms_norm_eps)
-        self.eh_proj = Linear(2 * h, h, bias=False)
-        self.shared_head = SharedHead(config, own_head)
-        self.embed_tokens = nn.Embedding(config.vocab_size, h) if own_embed else None
+        self.enorm = RMSNorm(h, config.rms_norm_eps, fmt)
+        self.hnorm = RMSNorm(h, config.rms_norm_eps, fmt)
+        self.eh_proj = ReplicatedLinear(2 * h, h, fmt=fmt)
+        self.shared_head = SharedHead(config, own_head, parallel, fmt)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, h, parallel, fmt) if own_embed else None
 
     def forward_mtp(self, hidden: Tensor, next_ids: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor],
-                    cache, embed: nn.Embedding) -> Tensor:
+                    cache, embed: VocabEmbedding) -> Tensor:
         """hidden: (B, T, H) main-model hidden at positions i; next_ids: (B, T) tokens at i+1.
         Returns the layer output *before* shared_head.norm, (B, T, H)."""
         e = self.enorm((self.embed_tokens or embed)(next_ids))

@@ -13,19 +13,18 @@ import math
 import torch
 from torch import nn
 
+from glm47.model.linear import WeightLayer
 from glm47.training.muon import Muon
 
 ADAMW_BETAS = (0.9, 0.95)
 
 
-def _splits(name: str, param: torch.Tensor, model: nn.Module) -> list[int] | None:
-    """Row blocks of a fused parameter (the checkpoint's separate matrices), or None for one matrix."""
-    if name.endswith("self_attn.qkv_proj.weight"):
-        return list(model.get_submodule(name.removesuffix(".qkv_proj.weight")).split)
-    if name.endswith("gate_up_proj.weight") or name.endswith("experts.w13"):
-        half = param.shape[-2] // 2
-        return [half, half]
-    return None
+def _row_blocks(name: str, model: nn.Module) -> list[int] | None:
+    """The separate matrices stacked in a fused parameter (q/k/v, gate/up), as its layer declares them, or None
+    for one matrix."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    return module.row_blocks(leaf) if isinstance(module, WeightLayer) else None
 
 
 def _is_embedding_or_head(name: str) -> bool:
@@ -45,7 +44,7 @@ def build_optimizers(model: nn.Module, lr: float, weight_decay: float,
         elif adamw_only or _is_embedding_or_head(name):
             decay.append(p)
         else:
-            splits = _splits(name, p, model)
+            splits = _row_blocks(name, model)
             muon_groups.setdefault(tuple(splits) if splits else None, []).append(p)
     adamw = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=ADAMW_BETAS, eps=1e-8)
