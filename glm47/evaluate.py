@@ -85,7 +85,7 @@ def greedy_generate(model, prompt: list[int], stop_ids: set[int], max_new_tokens
     positions = torch.arange(len(prompt))[None]
     out: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(ids, positions, cache)
+        logits = model.compute_logits(model(ids, positions, cache))
         token = int(logits[0, -1].argmax())
         out.append(token)
         if token in stop_ids:
@@ -101,8 +101,8 @@ def mtp_agreement(model, ids: list[int], prompt_len: int) -> tuple[int, int]:
     draft: drafting starts from the first generated token), whether the MTP draft made at i = j - 2
     (from h_i and t_{i+1}) equals it."""
     x = torch.tensor([ids])
-    _, hidden = model(x, return_hidden=True)
-    draft, _ = model.mtp_forward(hidden[:, :-1], x[:, 1:])  # draft[:, i] predicts ids[i + 2]
+    hidden = model(x)
+    draft = model.compute_logits(model.mtp_forward(hidden[:, :-1], x[:, 1:]), mtp_layer=0)  # [:, i] predicts ids[i + 2]
     first = max(prompt_len - 1, 0)  # i for j = prompt_len + 1
     guess = draft[0, first:len(ids) - 2].argmax(-1)
     truth = x[0, first + 2:]

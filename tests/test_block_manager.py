@@ -105,28 +105,3 @@ def test_disabled_prefix_caching_never_hits():
     bm = BlockManager(8, BS, enable_prefix_caching=False)
     admit(bm, seq(range(10), "a"))
     assert bm.match_prefix(seq(range(10), "b")) == [] and not bm.cached
-
-
-def test_truncate_releases_trailing_blocks_and_unregisters_the_now_partial_block():
-    bm = BlockManager(8, BS)
-    s = seq(range(11))
-    admit(bm, s)
-    s.num_computed_tokens = 11
-    bm.truncate(s, 5)  # 11 -> 6 tokens: blocks [0..3] full, [4..5] partial
-    assert len(s) == 6 and len(s.block_table) == 2 and s.num_computed_tokens == 6
-    assert bm.num_free_blocks == 6
-    assert len(bm.match_prefix(seq(range(11), "x"))) == 1, "block 1 is partial now: no longer a hit"
-
-
-def test_truncate_into_a_shared_block_recomputes_instead_of_overwriting_it():
-    bm = BlockManager(8, BS)
-    a, b = seq(range(9), "a"), seq(range(9), "b")
-    admit(bm, a)
-    a.num_computed_tokens = 9
-    admit(bm, b)  # shares a's two full blocks
-    shared = b.block_table[1]
-    b.num_computed_tokens = 9
-    bm.truncate(b, 3)  # b: 6 tokens, its second block is partial but also a's
-    assert shared not in b.block_table and b.num_computed_tokens == 4
-    assert bm.blocks[shared].ref_count == 1 and bm.blocks[shared].hash is not None
-    assert bm.allocate(b, 2) and b.block_table[1] != shared

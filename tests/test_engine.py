@@ -193,15 +193,15 @@ def test_stop_token_ids_logprobs_and_step_outputs(checkpoint):
 
 
 def test_runner_returns_the_final_hidden_states_of_every_token(checkpoint):
-    """What MTP drafting will need: the final-normed hidden state at each computed position."""
+    """What MTP drafting needs: the final-normed hidden state at each computed position."""
     model = checkpoint[2]
     eng = engine(model)
     p = prompts([11], seed=7)[0]
     eng.add_request(p, GREEDY)
-    batch = eng.scheduler.schedule()
-    result = eng.runner.run(batch.seqs, batch.num_tokens, return_hidden=True)
+    step = eng.runner.prepare(eng.scheduler.schedule(), keep_hidden=True)
+    result = eng.runner.execute(step.input)
     with torch.no_grad():
-        _, want = model(torch.tensor([p]), return_hidden=True)
+        want = model(torch.tensor([p]))
     assert result.hidden.shape == (11, model.config.hidden_size)
     assert (result.hidden - want[0]).abs().max() < 1e-5
 

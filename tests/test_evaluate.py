@@ -57,7 +57,7 @@ class ScriptedModel(nn.Module):
                 return s[len(prefix)]
         return self.stop
 
-    def forward(self, ids, positions=None, cache=None, return_hidden=False):
+    def forward(self, ids, positions=None, cache=None):
         row = ids[0].tolist()
         self.seq = row if positions is None or int(positions[0, 0]) == 0 else self.seq + row
         self.gate(self.embed(ids).reshape(-1, 8))
@@ -65,16 +65,18 @@ class ScriptedModel(nn.Module):
         logits = torch.zeros(1, len(row), self.vocab)
         for t in range(len(row)):
             logits[0, t, self._next(self.seq[:start + t + 1])] = 1.0
-        hidden = ids[..., None].float()  # carries the tokens to mtp_forward
-        return (logits, hidden) if return_hidden else logits
+        return torch.cat([ids[..., None].float(), logits], -1)  # "hidden": the token (for mtp), then its logits
 
-    def mtp_forward(self, hidden, next_ids, positions=None, cache=None):
+    def compute_logits(self, hidden, mtp_layer=None):
+        return hidden[..., 1:]
+
+    def mtp_forward(self, hidden, next_ids, positions=None, cache=None, layer=0):
         seq = hidden[0, :, 0].long().tolist() + next_ids[0, -1:].tolist()
         draft = torch.zeros(1, hidden.shape[1], self.vocab)
         for i in range(hidden.shape[1]):
             truth = self._next(seq[:i + 2])
             draft[0, i, truth if i % 2 == 0 else (truth + 1) % self.vocab] = 1.0
-        return draft, hidden
+        return torch.cat([hidden[..., :1], draft], -1)
 
 
 def reference_scripts(tok, examples, tamper=None):

@@ -27,14 +27,21 @@ def test_mtp_layer_loads_from_layer_num_hidden_layers(ckpt):
     assert torch.equal(model.mtp[0].enorm.weight, w)
 
 
+def mtp_logits(model, hidden, next_ids, positions=None, cache=None):
+    return model.compute_logits(model.mtp_forward(hidden, next_ids, positions, cache), mtp_layer=0)
+
+
 def test_mtp_forward_shapes_and_draft_for_i_plus_2(ckpt):
     model = load_model(ckpt, dtype=torch.float32)
     ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits, hidden = model(ids, return_hidden=True)
-        draft, out = model.mtp_forward(hidden[:, :-1], ids[:, 1:])
+        hidden = model(ids)
+        logits = model.compute_logits(hidden)
+        out = model.mtp_forward(hidden[:, :-1], ids[:, 1:])
+        draft = model.compute_logits(out, mtp_layer=0)
     assert logits.shape == (2, 10, 512) and hidden.shape == (2, 10, 64)
     assert draft.shape == (2, 9, 512) and out.shape == (2, 9, 64)
+    assert model.num_kv_layers == 4  # the 3 decoder layers, then the MTP layer
 
 
 def test_mtp_uses_embedding_and_hidden_in_the_right_slots(ckpt):
@@ -50,11 +57,11 @@ def test_mtp_uses_embedding_and_hidden_in_the_right_slots(ckpt):
     other_hidden = torch.randn(1, 6, h)
     with torch.no_grad():
         mtp.eh_proj.weight[:, h:] = 0  # keep only the embedding half
-        a = model.mtp_logits(hidden, ids)
-        assert torch.allclose(a, model.mtp_logits(other_hidden, ids), atol=1e-6)
-        assert not torch.allclose(a, model.mtp_logits(hidden, other_ids), atol=1e-3)
+        a = mtp_logits(model, hidden, ids)
+        assert torch.allclose(a, mtp_logits(model, other_hidden, ids), atol=1e-6)
+        assert not torch.allclose(a, mtp_logits(model, hidden, other_ids), atol=1e-3)
         mtp.enorm.weight.zero_()
-        assert torch.allclose(model.mtp_logits(hidden, ids), model.mtp_logits(hidden, other_ids), atol=1e-6)
+        assert torch.allclose(mtp_logits(model, hidden, ids), mtp_logits(model, hidden, other_ids), atol=1e-6)
 
 
 def test_mtp_with_own_embedding_and_head_copies(ckpt, tmp_path):
@@ -70,12 +77,12 @@ def test_mtp_with_own_embedding_and_head_copies(ckpt, tmp_path):
     assert torch.equal(own.mtp[0].embed_tokens.weight, tensors["model.layers.3.embed_tokens.weight"])
     ids = torch.randint(0, 512, (1, 5), generator=g)
     with torch.no_grad():
-        _, hidden = shared(ids, return_hidden=True)
-        d_own, d_shared = own.mtp_logits(hidden, ids), shared.mtp_logits(hidden, ids)
+        hidden = shared(ids)
+        d_own, d_shared = mtp_logits(own, hidden, ids), mtp_logits(shared, hidden, ids)
         # Reproduce the own-copy draft by hand with the copies as the "main" embedding and head.
         shared.model.embed_tokens.weight.copy_(tensors["model.layers.3.embed_tokens.weight"])
         shared.lm_head.weight.copy_(tensors["model.layers.3.shared_head.head.weight"])
-        assert torch.allclose(d_own, shared.mtp_logits(hidden, ids), atol=1e-5)
+        assert torch.allclose(d_own, mtp_logits(shared, hidden, ids), atol=1e-5)
     assert not torch.allclose(d_own, d_shared, atol=1e-3)
 
 
@@ -83,10 +90,10 @@ def test_mtp_with_kv_cache_matches_full_forward(ckpt):
     model = load_model(ckpt, dtype=torch.float32)
     ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        _, hidden = model(ids, return_hidden=True)
-        full = model.mtp_logits(hidden[:, :-1], ids[:, 1:])
+        hidden = model(ids)
+        full = mtp_logits(model, hidden[:, :-1], ids[:, 1:])
         cache = KVCache.for_model(model.config, 1, 16)
-        steps = [model.mtp_logits(hidden[:, t:t + 1], ids[:, t + 1:t + 2], torch.tensor([[t]]), cache)
+        steps = [mtp_logits(model, hidden[:, t:t + 1], ids[:, t + 1:t + 2], torch.tensor([[t]]), cache)
                  for t in range(8)]
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
 
@@ -98,7 +105,7 @@ def test_checkpoint_without_mtp_weights_disables_mtp_and_says_so(tmp_path, caplo
     (tmp_path / "config.json").write_text(json.dumps(config))
     with caplog.at_level("WARNING", logger="glm47"):
         model = load_model(tmp_path)
-    assert not model.has_mtp
+    assert not model.has_mtp and model.num_kv_layers == 3
     assert "no MTP weights" in caplog.text and "model.layers.3" in caplog.text
     with pytest.raises(ValueError, match="no MTP layer"):
-        model.mtp_logits(torch.zeros(1, 1, 64), torch.zeros(1, 1, dtype=torch.long))
+        model.mtp_forward(torch.zeros(1, 1, 64), torch.zeros(1, 1, dtype=torch.long))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from glm47.engine.paged_attention import ForwardBatch, KVPool
+from glm47.engine.step import Layout
 from glm47.model.kv_cache import KVCache
 
 # (context already cached, tokens computed this step) per sequence: decodes, a one-token prompt,
@@ -26,16 +27,16 @@ def run_case(block_size, heads, kv_heads, rows, dtype=torch.float32, seed=0):
     # Fill the contexts through the cache protocol too: one step that prefills all of them.
     ctx_rows = sorted((i for i, (c, _) in enumerate(rows) if c), key=lambda i: rows[i][0] > 1)
     if ctx_rows:
-        fb = ForwardBatch.build(pool, [tables[i] for i in ctx_rows], [0] * len(ctx_rows),
-                                [rows[i][0] for i in ctx_rows])
+        fb = ForwardBatch.build(pool, Layout.of([tables[i] for i in ctx_rows], [0] * len(ctx_rows),
+                                                [rows[i][0] for i in ctx_rows], block_size))
         ctx_k = torch.cat([k[i][:rows[i][0]] for i in ctx_rows])[None]
         ctx_v = torch.cat([v[i][:rows[i][0]] for i in ctx_rows])[None]
         fb.attend(0, torch.zeros(1, ctx_k.shape[1], heads, D, dtype=dtype), ctx_k, ctx_v, None)
 
     # The step under test, single-token rows first as the runner orders them.
     order = sorted(range(len(rows)), key=lambda i: rows[i][1] > 1)
-    fb = ForwardBatch.build(pool, [tables[i] for i in order], [rows[i][0] for i in order],
-                            [rows[i][1] for i in order])
+    fb = ForwardBatch.build(pool, Layout.of([tables[i] for i in order], [rows[i][0] for i in order],
+                                            [rows[i][1] for i in order], block_size))
     new_q = torch.cat([q[i] for i in order])[None]
     new_k = torch.cat([k[i][rows[i][0]:] for i in order])[None]
     new_v = torch.cat([v[i][rows[i][0]:] for i in order])[None]
@@ -76,8 +77,11 @@ def test_paged_attention_bfloat16():
 
 def test_slot_mapping_follows_the_block_tables():
     pool = KVPool(1, 10, 4, 1, 2, torch.float32)
-    fb = ForwardBatch.build(pool, [[7], [2, 9, 4]], [2, 3], [1, 6])
+    layout = Layout.of([[7], [2, 9, 4]], [2, 3], [1, 6], 4)
     # row 0: position 2 in block 7; row 1: positions 3..8 across blocks 2, 9, 4
+    assert layout.slot_mapping == [30, 11, 36, 37, 38, 39, 16]
+    assert layout.positions == [2, 3, 4, 5, 6, 7, 8]
+    fb = ForwardBatch.build(pool, layout)
     assert fb.slot_mapping.tolist() == [30, 11, 36, 37, 38, 39, 16]
     assert fb.num_decodes == 1 and fb.decode_len == 3
     assert [(c.start, c.end, c.context_len) for c in fb.prefills] == [(1, 7, 3)]

@@ -2,6 +2,9 @@
 same distribution), the drafts are what the uncached MTP forward predicts, and the bookkeeping (stops inside
 accepted drafts, max_tokens, prefix caching, preemption, aborts) holds with drafts in flight."""
 
+import dataclasses
+import pickle
+
 import pytest
 import torch
 
@@ -79,15 +82,15 @@ def test_greedy_tokens_with_drafts_equal_plain_decoding_with_chunked_prefill_and
 
 
 def spy_drafts(e: LLMEngine) -> list[tuple[list[int], list[int]]]:
-    """Records (sequence tokens, drafts) each time the runner drafts."""
-    seen, draft = [], e.runner.draft
+    """Records (sequence tokens, drafts) each time the engine proposes drafts."""
+    seen, propose = [], e.spec.propose
 
     def spy(*args, **kw):
-        got = draft(*args, **kw)
+        got = propose(*args, **kw)
         seen.extend((list(s.token_ids), list(d)) for s, d in got.items())
         return got
 
-    e.runner.draft = spy
+    e.spec.propose = spy
     return seen
 
 
@@ -95,11 +98,11 @@ def uncached_drafts(model, ids: list[int], depth: int) -> list[int]:
     """The drafts for the token after ids, from the whole sequence without a cache: MTP at position len - 2 from
     the main hidden there and the last token, then each further draft from the MTP output one position on."""
     with torch.no_grad():
-        _, hidden = model(torch.tensor([ids]), return_hidden=True)
+        hidden = model(torch.tensor([ids]))
         h, nxt, drafts = hidden[:, :-1], ids[1:], []
         for _ in range(depth):
-            logits, out = model.mtp_forward(h, torch.tensor([nxt]))
-            drafts.append(int(logits[0, -1].argmax()))
+            out = model.mtp_forward(h, torch.tensor([nxt]))
+            drafts.append(int(model.compute_logits(out, mtp_layer=0)[0, -1].argmax()))
             h, nxt = torch.cat([h, out[:, -1:]], 1), nxt + [drafts[-1]]
     return drafts
 
@@ -224,3 +227,46 @@ def test_a_stop_string_inside_a_speculative_step_ends_the_output_at_its_own_toke
             assert llm.engine.stats().spec_accepted_tokens > 0
     assert outs[0] == outs[1] and outs[0][2] == "stop" and stop not in outs[0][0]
     assert outs[0][3] == len(outs[0][1])
+
+
+def plain(x) -> bool:
+    """Only ints, bools, lists of them and dataclasses of those: data another process can take as it is."""
+    if dataclasses.is_dataclass(x):
+        return all(plain(getattr(x, f.name)) for f in dataclasses.fields(x))
+    if isinstance(x, list):
+        return all(plain(v) for v in x)
+    return type(x) in (int, bool)
+
+
+def test_step_and_draft_inputs_are_plain_data_that_run_the_same_after_pickling(tiny):
+    """What the driver hands every rank (the StepInput of each step, the DraftInput after it) is plain data: each
+    step's input pickled and unpickled gives the same logits, hidden states and prompt logprobs, and an engine
+    that runs every step and every drafting pass from pickled copies gives plain decoding's tokens."""
+    ps = prompts([1, 3, 17, 30], tiny.config.vocab_size)
+    params = [greedy(10, prompt_logprobs=1 if i == 2 else None) for i in range(len(ps))]
+    want = [o.token_ids for o in engine(tiny, 0, max_num_batched_tokens=12, max_num_seqs=4).generate(ps, params)]
+    e = engine(tiny, 2, max_num_batched_tokens=12, max_num_seqs=4)
+    execute, prepare, steps, drafts = e.runner.execute, e.spec.prepare, [], []
+
+    def execute_copy(step):
+        copy = pickle.loads(pickle.dumps(step))
+        assert copy == step and plain(copy)
+        a, b = execute(step), execute(copy)  # the second rewrites the same K/V into the same slots
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.hidden, b.hidden)
+        assert a.prompt_logprobs == b.prompt_logprobs
+        steps.append(copy)
+        return b
+
+    def prepare_copy(step):
+        d, drafting = prepare(step)
+        copy = pickle.loads(pickle.dumps(d))
+        assert copy == d and plain(copy)
+        drafts.append(copy)
+        return copy, drafting
+
+    e.runner.execute, e.spec.prepare = execute_copy, prepare_copy
+    assert [o.token_ids for o in e.generate(ps, params)] == want
+    # the steps had it all: decodes with drafts next to prefill chunks, scored prompts, chained drafts
+    assert any(len(s.logits_rows) > 1 and max(s.layout.query_lens) > 1 for s in steps)
+    assert any(s.prompt_rows for s in steps) and any(d.chain for d in drafts)
+    assert e.stats().spec_draft_tokens > 0

@@ -109,12 +109,14 @@ def test_shifted_targets():
 
 def test_mtp_loss_uses_targets_shifted_by_two():
     """The MTP layer at i sees h_i and t_{i+1} and is scored on t_{i+2}: recompute it by hand from the
-    model's public forward and mtp_forward, and check a one-off shift gives a different value."""
+    model's public forward, mtp and compute_logits, and check a one-off shift gives a different value."""
     model = tiny_model()
     ids, mask = random_batch()
     parts = training_loss(model, ids, mask, mtp_weight=0.5)
-    logits, hidden = model(ids, return_hidden=True)
-    draft, _ = model.mtp_forward(hidden[:, :-1], ids[:, 1:])  # (B, T-1, V): row i predicts ids[i + 2]
+    hidden = model(ids)
+    logits = model.compute_logits(hidden)
+    draft = model.compute_logits(model.mtp_forward(hidden[:, :-1], ids[:, 1:]), mtp_layer=0)  # (B, T-1, V)
+    # draft row i predicts ids[i + 2]
 
     def ce(logits, targets, keep):
         return torch.nn.functional.cross_entropy(logits[keep], targets[keep])
@@ -203,7 +205,7 @@ def test_tracker_counts_valid_tokens_per_moe_layer_and_moves_the_biases():
     assert tracker.names == ["model.layers.1.mlp", "mtp.0.mlp"]
     ids, _ = random_batch(B=2, T=10)
     tracker.valid = torch.arange(10).expand(2, 10) < 7  # 14 real tokens
-    model(ids, return_hidden=True)
+    model(ids)
     assert tracker.counts[0].sum() == 14 * 2  # top-2
     before = model.model.layers[1].mlp.gate.e_score_correction_bias.clone()
     counts = tracker.counts[0].clone()

@@ -126,28 +126,6 @@ class BlockManager:
         seq.block_table.clear()
         seq.num_computed_tokens = seq.num_registered_blocks = 0
 
-    def truncate(self, seq: Sequence, num_tokens: int) -> None:
-        """Drops seq's last num_tokens tokens and the blocks past its new end (speculative decoding's
-        rollback). A kept block that is no longer full leaves the prefix cache; if another sequence shares
-        it, this one lets go of it and recomputes its surviving tokens instead of overwriting them."""
-        assert 0 <= num_tokens <= len(seq) - 1, (seq, num_tokens)
-        new_len = len(seq) - num_tokens
-        del seq.token_ids[new_len:]
-        keep, full = self.blocks_for(new_len), new_len // self.block_size
-        for b in reversed(seq.block_table[keep:]):
-            self._release(b)
-        del seq.block_table[keep:]
-        del seq.block_hashes[full:]
-        seq.num_computed_tokens = min(seq.num_computed_tokens, new_len)
-        if keep > full and seq.num_registered_blocks > full:  # the last kept block was full, now partial
-            block = self.blocks[seq.block_table[-1]]
-            if block.ref_count > 1:
-                self._release(seq.block_table.pop())
-                seq.num_computed_tokens = min(seq.num_computed_tokens, full * self.block_size)
-            else:
-                self._forget(block)
-        seq.num_registered_blocks = min(seq.num_registered_blocks, full)
-
     # ---- the free pool ------------------------------------------------------------------------------
     def _acquire(self, block_id: int) -> None:
         block = self.blocks[block_id]

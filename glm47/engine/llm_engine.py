@@ -1,9 +1,11 @@
 """LLMEngine: token ids in, token ids out. add_request / step / abort over the scheduler and model runner.
 
-Each step schedules sequences, runs them as one flat batch, samples the sequences whose prompt is
-complete, and reports new tokens per request. Text (chat templates, detokenizing, stop strings) lives in
-the LLM facade and the server; `n > 1` too: the facade adds n requests with the same prompt (the prefix
-cache shares their blocks) and distinct seeds.
+Each step schedules sequences (scheduler), turns them into a plain StepInput (runner.prepare) that runs as
+one flat batch (runner.execute: the part every rank would run), samples the sequences whose prompt is
+complete, keeps what verifies of their drafts (spec_decode), and reports new tokens per request; with
+speculative decoding on, the MTP layer then proposes the next drafts. Text (chat templates, detokenizing,
+stop strings) lives in the LLM facade and the server; `n > 1` too: the facade adds n requests with the same
+prompt (the prefix cache shares their blocks) and distinct seeds.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from glm47 import kernels
 from glm47.checkpoint.loader import load_model
 from glm47.engine.block_manager import BlockManager
 from glm47.engine.config import EngineConfig
-from glm47.engine.model_runner import ModelRunner, StepResult, num_kv_blocks
+from glm47.engine.model_runner import ModelRunner, Step, num_kv_blocks
 from glm47.engine.sampling import ParamError, SampleOutput, SamplingParams, sample
 from glm47.engine.scheduler import ScheduledBatch, Scheduler
 from glm47.engine.sequence import Sequence
+from glm47.engine.spec_decode import SpecDecoder, verify
 from glm47.engine.threads import ThreadGovernor
 
 log = logging.getLogger("glm47.engine")
@@ -99,13 +102,13 @@ class LLMEngine:
         if config.num_speculative_tokens and not model.has_mtp:
             raise ValueError(f"num_speculative_tokens={config.num_speculative_tokens} drafts with the checkpoint's "
                              f"MTP layer (model.layers.{mc.num_hidden_layers}.*), and this model has none")
-        if device.type == "cpu" and model.lm_head.weight.dtype == torch.bfloat16 and kernels.enabled():
-            kernels.extension()  # built (or loaded from cache) now: not by the first request, after /health says ok
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.threads = ThreadGovernor(max_rows=kernels.LINEAR_MAX_ROWS,
                                       enabled=config.adaptive_threads and device.type == "cpu")
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.spec = (SpecDecoder(self.runner, self.block_manager, config.num_speculative_tokens)
+                     if config.num_speculative_tokens else None)
         self.pool_tokens = num_blocks * config.block_size
         self._requests: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []  # abort notices, reported by the next step()
@@ -196,19 +199,16 @@ class LLMEngine:
         threads = self.threads.threads_for(sum(batch.num_tokens))
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-        spec = self.config.num_speculative_tokens
-        result = self.runner.run(batch.seqs, batch.num_tokens, return_hidden=bool(spec))
+        step = self.runner.prepare(batch, keep_hidden=self.spec is not None)
+        result = self.runner.execute(step.input)
         self._count(batch)
-        for seq, lps, tops in result.prompt_logprobs:
+        for seq, (lps, tops) in zip(step.scored, result.prompt_logprobs):
             seq.prompt_logprobs += lps
             seq.prompt_top_logprobs += tops
         # One logits row per sampled sequence, or 1 + its drafts: row j is sampled as plain decoding would sample
-        # that position (the drafts before it count as outputs for penalties and min_tokens), and draft j is
-        # accepted when row j's token is the draft itself. So the tokens are exactly plain decoding's, greedy or
-        # sampled (a seeded generator is rewound below to the first row not kept), and a draft is accepted with
-        # the probability the model gives it: rejection sampling against a one-hot draft, with the same odds.
+        # that position, the drafts before it counting as outputs for penalties and min_tokens (spec_decode).
         params, gens, prompts, outs, stops = [], [], [], [], []
-        for seq, r in zip(result.sampled, result.num_logits):
+        for seq, r in zip(step.sampled, step.num_logits):
             for j in range(r):
                 params.append(seq.params)
                 gens.append(seq.generator)
@@ -217,23 +217,15 @@ class LLMEngine:
                 stops.append(list(seq.stop_token_ids))
         out, failed = None, {}
         if params:
-            out, failed = self._sample(result, params, gens, prompts, outs, stops)
+            out, failed = self._sample(step, result.logits, params, gens, prompts, outs, stops)
         new_tokens: list[tuple[Sequence, list[int], int]] = []  # (seq, tokens, first logits row)
         row = 0
-        for seq, r in zip(result.sampled, result.num_logits):
-            if seq in failed:
-                row += r
-                continue
-            tokens = []
-            for j in range(r):  # accepted drafts, then the first token that differs (or the one after them all)
-                tokens.append(out.token_ids[row + j])
-                if j == r - 1 or tokens[-1] != seq.draft_token_ids[j]:
-                    break
-            if len(tokens) < r and out.generator_states[row + len(tokens)] is not None:
-                seq.generator.set_state(out.generator_states[row + len(tokens)])  # the unkept rows drew nothing
-            self._drafted += r - 1
-            self._accepted += len(tokens) - 1
-            new_tokens.append((seq, tokens, row))
+        for seq, r in zip(step.sampled, step.num_logits):
+            if seq not in failed:
+                tokens = verify(seq, out.token_ids[row:row + r], out.generator_states[row:row + r])
+                self._drafted += r - 1
+                self._accepted += len(tokens) - 1
+                new_tokens.append((seq, tokens, row))
             row += r
         lengths = [len(seq) for seq, _, _ in new_tokens]
         finished = self.scheduler.update(batch, [(seq, tokens) for seq, tokens, _ in new_tokens])
@@ -256,30 +248,30 @@ class LLMEngine:
                 o.prompt_top_logprobs = [[]] + seq.prompt_top_logprobs
             outputs.append(o)
             self._generation_tokens += taken
-        if spec:
-            self._propose(result)
+        if self.spec is not None:
+            self.spec.propose(step, result.hidden)
         self._steps += 1
         if not self.has_unfinished() and torch.get_num_threads() != self.threads.max_threads:
             torch.set_num_threads(self.threads.max_threads)  # idle: the process gets its threads back
         return outputs
 
-    def _sample(self, result: StepResult, params, gens, prompts, outs, stops
+    def _sample(self, step: Step, logits: torch.Tensor, params, gens, prompts, outs, stops
                 ) -> tuple[SampleOutput, dict[Sequence, str]]:
         """sample() over all rows at once. Should that raise, each sequence's rows are sampled again on their
         own (generators rewound first), so a request that makes sampling fail fails alone: it is returned with
         its error, its rows hold no tokens, and every other request gets exactly the tokens it would have."""
         seeded = {id(g): (g, g.get_state()) for g in gens if g is not None}
         try:
-            return sample(result.logits, params, gens, prompts, outs, stop_ids=stops), {}
+            return sample(logits, params, gens, prompts, outs, stop_ids=stops), {}
         except Exception:
             log.exception("sampling a batch of %d rows failed; sampling each request on its own", len(params))
         for g, state in seeded.values():
             g.set_state(state)
         parts, failed, row = [], {}, 0
-        for seq, r in zip(result.sampled, result.num_logits):
+        for seq, r in zip(step.sampled, step.num_logits):
             rows = slice(row, row + r)
             try:
-                parts.append(sample(result.logits[rows], params[rows], gens[rows], prompts[rows], outs[rows],
+                parts.append(sample(logits[rows], params[rows], gens[rows], prompts[rows], outs[rows],
                                     stop_ids=stops[rows]))
             except Exception as e:
                 failed[seq] = f"sampling failed: {type(e).__name__}: {e}"
@@ -287,20 +279,6 @@ class LLMEngine:
             row += r
         merged = SampleOutput(*([x for p in parts for x in getattr(p, f)] for f in SampleOutput.__slots__))
         return merged, failed
-
-    def _propose(self, result: StepResult) -> None:
-        """MTP drafts for the next step: the MTP layer catches up on the positions this step settled (every
-        computed token of a prefill chunk, a decode and its accepted drafts), then drafts for each sequence
-        that got a token and goes on."""
-        valid = [0 if seq.is_finished else seq.num_computed_tokens - start
-                 for seq, start in zip(result.seqs, result.starts)]
-        bm = self.block_manager
-
-        def grow(seq: Sequence, tokens: int) -> bool:
-            return bm.allocate(seq, max(0, tokens - seq.num_computed_tokens))
-
-        for seq, d in self.runner.draft(result, valid, self.config.num_speculative_tokens, grow).items():
-            seq.draft_token_ids = d
 
     def _count(self, batch: ScheduledBatch) -> None:
         for seq, n in zip(batch.seqs, batch.num_tokens):

@@ -3,6 +3,7 @@
 Policy, in order, each step:
   1. Running sequences, decodes (one token left to compute) before unfinished prefills, oldest first.
      A decode with speculative drafts computes them too (its verification), if the budget has room for all.
+     The scheduler sees only how many tokens each sequence has to compute (spec_decode owns the drafts).
      A prefill gets what is left of the budget as its next chunk. When the pool has no block for a
      sequence, the newest running sequence not yet scheduled this step is preempted (its blocks are
      freed and it goes back to the front of the queue, to be recomputed later); if none is left, the
@@ -74,13 +75,12 @@ class Scheduler:
         preempted = False
         while queue and budget:
             seq = queue.popleft()
-            n = min(seq.num_uncomputed_tokens, budget)
+            # All it has to compute if the budget allows (a decode's drafts go all together or not at all), else
+            # what the budget leaves of its own tokens: the next prefill chunk, or a decode without its drafts.
+            n = seq.num_tokens_to_compute
+            if n > budget:
+                n = min(seq.num_uncomputed_tokens, budget)
             assert n > 0, seq
-            if seq.draft_token_ids:  # a decode with drafts to verify: all of them, or none if the budget is short
-                if budget >= 1 + len(seq.draft_token_ids):
-                    n = 1 + len(seq.draft_token_ids)
-                else:
-                    seq.draft_token_ids = []
             while not bm.allocate(seq, n):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
@@ -115,18 +115,16 @@ class Scheduler:
         Its full blocks stay in the prefix cache until evicted, so resuming is often cheap."""
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
-        seq.draft_token_ids = []
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def update(self, batch: ScheduledBatch, sampled: list[tuple[Sequence, list[int]]]) -> list[Sequence]:
         """After the forward pass: the scheduled tokens are computed, and each sequence whose last token was
-        computed gets its new tokens: the drafts the model accepted (their K/V is already in the cache), then
-        the token it sampled. Drafts are spent either way. Returns the sequences that finished (their blocks
-        are freed); a sequence that finishes on an accepted draft takes none of the tokens after it."""
+        computed gets its new tokens: the accepted drafts (computed in this step, their K/V is in the cache),
+        then the token it sampled. Returns the sequences that finished (their blocks are freed); a sequence
+        that finishes on an accepted draft takes none of the tokens after it."""
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += min(n, seq.num_uncomputed_tokens)  # drafts are no tokens (yet)
-            seq.draft_token_ids = []
         finished = []
         for seq, token_ids in sampled:
             for i, token_id in enumerate(token_ids):

@@ -44,8 +44,9 @@ class Sequence:
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.num_computed_tokens = 0  # tokens whose K/V is in the cache
         self.num_cached_tokens = 0  # of those, how many the prefix cache supplied at the last admission
-        # Speculative decoding: tokens the MTP layer proposes after token_ids, not part of the sequence until
-        # the main model accepts them. A step that schedules them computes positions len(self) onwards too.
+        # Speculative decoding (spec_decode): tokens the MTP layer proposed after token_ids, not part of the
+        # sequence until the main model accepts them. A step that schedules them computes positions len(self)
+        # onwards too; they count only while the sequence decodes (a preempted one recomputes first).
         self.draft_token_ids: list[int] = []
         # params.prompt_logprobs: prompt tokens 1.. scored so far (a recompute after preemption adds none twice)
         self.prompt_logprobs: list[float] = []
@@ -65,6 +66,12 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_tokens_to_compute(self) -> int:
+        """What a step could compute for this sequence: its uncomputed tokens, and its drafts while it decodes."""
+        n = self.num_uncomputed_tokens
+        return n + len(self.draft_token_ids) if n == 1 else n
 
     @property
     def max_drafts(self) -> int:

@@ -1,11 +1,15 @@
 """Attention over a key/value store. The model's attention computes q, k, v and hands them to a cache
-object's `attend(layer_idx, q, k, v, positions)`; the cache decides where K/V live and how to attend.
+object's `attend(layer_idx, q, k, v, positions)` (the AttentionCache protocol); the cache decides where K/V
+live and how to attend.
 
 `NoCache` is the plain causal forward; `KVCache` is a contiguous per-layer store for incremental
-decoding (the reference the engine's paged cache is tested against). Neither knows about sequences.
+decoding (the reference the engine's paged cache, engine/paged_attention.ForwardBatch, is tested against).
+None of them knows about sequences.
 """
 
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,18 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bo
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=mask, is_causal=causal, enable_gqa=True)
     return o.transpose(1, 2)
+
+
+@runtime_checkable
+class AttentionCache(Protocol):
+    """What Attention calls once per layer and forward pass. Layer indices run over the model's
+    num_kv_layers: the decoder layers, then the MTP layers."""
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """q: (B, T, H, D); k, v: (B, T, Hkv, D) of this pass's tokens, at positions (B, T) (a cache may
+        know them already and ignore them) -> (B, T, H, D): each query attends causally to the keys of its
+        sequence up to its own position, these k, v included (the cache keeps them for later passes)."""
+        ...
 
 
 class NoCache:

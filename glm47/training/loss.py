@@ -45,13 +45,14 @@ def _cross_entropy(logits: Tensor, targets: Tensor) -> tuple[Tensor, int]:
 def training_loss(model, input_ids: Tensor, loss_mask: Tensor, mtp_weight: float = 0.3) -> LossParts:
     """Forward of `model` (Glm4MoeForCausalLM) on right-padded rows and the combined loss. Padding needs no
     attention mask: it only ever follows a row's real tokens, and its loss_mask is False."""
-    logits, hidden = model(input_ids, return_hidden=True)  # (B, T, V), (B, T, H)
+    hidden = model(input_ids)  # (B, T, H)
+    logits = model.compute_logits(hidden)  # (B, T, V)
     lm, lm_n = _cross_entropy(logits, shifted_targets(input_ids, loss_mask, 1))
     if not model.has_mtp or mtp_weight == 0:
         zero = lm.detach() * 0.0
         return LossParts(lm, lm, zero, lm_n, 0)
     # The MTP input at i is t_{i+1}; the last position has none, and its target is ignored anyway.
     next_ids = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
-    draft_logits, _ = model.mtp_forward(hidden, next_ids)
+    draft_logits = model.compute_logits(model.mtp_forward(hidden, next_ids), mtp_layer=0)
     mtp, mtp_n = _cross_entropy(draft_logits, shifted_targets(input_ids, loss_mask, 2))
     return LossParts(lm + mtp_weight * mtp, lm, mtp, lm_n, mtp_n)
