@@ -41,17 +41,17 @@ def main() -> None:
         ours = glm47.load_model(d, dtype=torch.bfloat16)
         ref = transformers.Glm4MoeForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
         ids = torch.randint(0, config.vocab_size, (1, args.prefill))
-        t_ours = timed(lambda: ours(ids))
+        t_ours = timed(lambda: ours.compute_logits(ours(ids)))
         t_ref = timed(lambda: ref(ids).logits)
         print(f"prefill {args.prefill} tokens: glm47 {args.prefill / t_ours:8.1f} tok/s   "
               f"transformers {args.prefill / t_ref:8.1f} tok/s   ratio {t_ref / t_ours:.2f}x")
 
         def decode_ours():
             cache = KVCache.for_model(config, 1, 64 + args.decode, dtype=torch.bfloat16)
-            ours(ids[:, :64], torch.arange(64)[None], cache)
+            ours.compute_logits(ours(ids[:, :64], torch.arange(64)[None], cache))
             tok = ids[:, :1]
             for t in range(64, 64 + args.decode):
-                tok = ours(tok, torch.tensor([[t]]), cache)[:, -1:].argmax(-1)
+                tok = ours.compute_logits(ours(tok, torch.tensor([[t]]), cache))[:, -1:].argmax(-1)
 
         def decode_ref():
             ref.generate(ids[:, :64], max_new_tokens=args.decode, min_new_tokens=args.decode, do_sample=False)
