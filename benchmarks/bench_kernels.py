@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import time
 
 import torch
@@ -19,7 +18,9 @@ import torch.nn.functional as F
 from glm47 import kernels
 from glm47.bench import measure_bandwidth
 from glm47.config import preset
-from glm47.model.moe import Experts, select_experts
+from glm47.model.linear import FusedExperts
+from glm47.ops import CPU_BF16, reference
+from glm47.ops.reference import routed_experts, select_experts
 
 COPY_BYTES = 256 << 20
 
@@ -38,10 +39,6 @@ def best_time(fn, calls: list[tuple], repeat: int) -> float:
 
 def copies(make, nbytes: int) -> list:
     return [make() for _ in range(max(1, -(-COPY_BYTES // nbytes)))]
-
-
-def torch_experts(layer: Experts, x, weights, ids):
-    return layer(x, weights, ids)
 
 
 def bench_linear(rows: list[int], repeat: int) -> None:
@@ -68,9 +65,9 @@ def bench_linear(rows: list[int], repeat: int) -> None:
 def bench_experts(tokens: list[int], repeat: int) -> None:
     c = preset("bench")
     E, H, I, K = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
-    layers = copies(functools.partial(Experts, E, H, I), E * 3 * H * I * 2)
+    layers = copies(functools.partial(FusedExperts, E, H, I, fmt=torch.bfloat16), E * 3 * H * I * 2)
     for ex in layers:
-        ex.bfloat16().requires_grad_(False)
+        ex.requires_grad_(False)
         torch.nn.init.normal_(ex.w13, std=0.02)
         torch.nn.init.normal_(ex.w2, std=0.02)
     print(f"\n{'routed experts (E, H, I, K)':28s}{'tokens':>6s}{'experts':>8s}{'kernel':>9s}{'torch':>9s}  GB/s of "
@@ -80,11 +77,9 @@ def bench_experts(tokens: list[int], repeat: int) -> None:
         weights, ids = select_experts(torch.randn(T, E), torch.zeros(E), K, 1, 1, True, 1.0)
         active = ids.unique().numel()
         k = best_time(kernels.routed_experts, [(x, ex.w13, ex.w2, weights, ids) for ex in layers], repeat)
-        os.environ["GLM47_KERNELS"] = "0"
         torch.backends.mkldnn.enabled = T > 2  # as model_runner runs it
-        t = best_time(torch_experts, [(ex, x, weights, ids) for ex in layers], repeat)
+        t = best_time(routed_experts, [(x, ex.w13, ex.w2, weights, ids) for ex in layers], repeat)
         torch.backends.mkldnn.enabled = True
-        os.environ.pop("GLM47_KERNELS")
         gb = active * 3 * H * I * 2 / 1e9
         print(f"{(E, H, I, K)!s:28s}{T:6d}{active:8d}{gb / k:9.1f}{gb / t:9.1f}  ({k * 1e3:.2f} vs {t * 1e3:.2f})")
 
@@ -92,8 +87,6 @@ def bench_experts(tokens: list[int], repeat: int) -> None:
 def bench_attention(repeat: int) -> None:
     """The `bench` model's attention (16 heads, 2 KV heads of 128, blocks of 16): decode over the paged cache
     (GB/s of K and V read) and a prefill chunk with no context (GFLOPS), kernel against the torch twin."""
-    from glm47.engine.paged_attention import PrefillChunk, decode_attention, prefill_attention
-
     H, Hkv, D, bs = 16, 2, 128, 16
     print(f"\n{'decode attention (B, keys)':28s}{'kernel':>9s}{'torch':>9s}  GB/s of K and V (ms)")
     for B, S in [(1, 2048), (16, 2048), (1, 32768)]:
@@ -104,21 +97,16 @@ def bench_attention(repeat: int) -> None:
         q = torch.randn(B, H, D).bfloat16()
         mask = None if B == 1 else torch.ones(B, 1, 1, S, dtype=torch.bool)
         k = best_time(kernels.decode_attention, [(q, k_cache, v_cache, tables, lens)], repeat)
-        os.environ["GLM47_KERNELS"] = "0"
-        t = best_time(decode_attention, [(q, k_cache, v_cache, tables, mask, S, lens)], repeat)
-        os.environ.pop("GLM47_KERNELS")
+        t = best_time(reference.decode_attention, [(q, k_cache, v_cache, tables, mask, S, lens)], repeat)
         gb = B * S * Hkv * D * 2 * 2 / 1e9
         print(f"{(B, S)!s:28s}{gb / k:9.1f}{gb / t:9.1f}  ({k * 1e3:.2f} vs {t * 1e3:.2f})")
     print(f"\n{'prefill attention (tokens)':28s}{'kernel':>9s}{'torch':>9s}  GFLOPS, causal (ms)")
     for n in (512, 2048):
         k_cache, v_cache = torch.randn(n // bs, bs, Hkv, D).bfloat16(), torch.randn(n // bs, bs, Hkv, D).bfloat16()
-        chunk = PrefillChunk(0, n, 0, torch.arange(n // bs))
         q = torch.randn(n, H, D).bfloat16()
-        args = (q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), k_cache, v_cache, chunk)
-        k = best_time(prefill_attention, [args], repeat)
-        os.environ["GLM47_KERNELS"] = "0"
-        t = best_time(prefill_attention, [args], repeat)
-        os.environ.pop("GLM47_KERNELS")
+        args = (q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), k_cache, v_cache, torch.arange(n // bs), 0)
+        k = best_time(CPU_BF16.prefill_attention, [args], repeat)
+        t = best_time(reference.prefill_attention, [args], repeat)
         flops = 4 * n * n / 2 * D * H / 1e9
         print(f"{n:<28d}{flops / k:9.0f}{flops / t:9.0f}  ({k * 1e3:.1f} vs {t * 1e3:.1f})")
 

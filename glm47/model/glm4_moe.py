@@ -1,6 +1,7 @@
 """GLM-4.5/4.6/4.7 (`Glm4MoeForCausalLM`): embedding, decoder layers, final norm, untied LM head, and the
-optional MTP layer(s). Module names are the checkpoint's keys, except the fused/stacked parameters and the
-MTP layer, which checkpoint/spec.py maps in one table.
+optional MTP layer(s). Module names are the checkpoint's keys, except the fused parameters (the packed_modules
+table), the stacked experts (FusedExperts names their keys) and the MTP layer's prefix (official_name); the
+layers (model/linear.py) give the loader and the writer every key with its shape: checkpoint_entries().
 
     hidden = model(input_ids, positions, cache)    # (B, T) -> final-normed (B, T, H); no cache: NoCache
     logits = model.compute_logits(hidden)          # (B, T, V); pass only the rows you need
