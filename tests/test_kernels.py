@@ -3,7 +3,6 @@ fused routed experts against the grouped torch path, paged decode attention agai
 whole bf16 engine's greedy tokens with the kernels on and off. These need the kernels, so an AVX512-BF16 CPU; the
 dispatch itself (which implementation runs when) is tested on every CPU in test_ops.py."""
 
-import logging
 
 import pytest
 import torch

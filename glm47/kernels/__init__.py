@@ -16,7 +16,6 @@ import hashlib
 import logging
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)

@@ -12,15 +12,9 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-
-def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
-    """q: (B, T, H, D); k, v: (B, S, Hkv, D) -> (B, T, H, D). GQA via enable_gqa, scale 1/sqrt(D)."""
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask, is_causal=causal, enable_gqa=True)
-    return o.transpose(1, 2)
+from glm47.ops.reference import sdpa
 
 
 @runtime_checkable
