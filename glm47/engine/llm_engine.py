@@ -3,9 +3,10 @@
 Each step schedules sequences (scheduler), turns them into a plain StepInput (runner.prepare) that runs as
 one flat batch (runner.execute: the part every rank would run), samples the sequences whose prompt is
 complete, keeps what verifies of their drafts (spec_decode), and reports new tokens per request; with
-speculative decoding on, the MTP layer then proposes the next drafts. Text (chat templates, detokenizing,
-stop strings) lives in the LLM facade and the server; `n > 1` too: the facade adds n requests with the same
-prompt (the prefix cache shares their blocks) and distinct seeds.
+speculative decoding on, the MTP layer then proposes the next drafts. Text is not here: detokenizing and
+stop strings are glm47/text's TextDriver, chat templates the LLM facade's and the server's; `n > 1` neither:
+they add n requests with the same prompt (the prefix cache shares their blocks) and distinct seeds
+(SamplingParams.for_sample).
 """
 
 from __future__ import annotations
