@@ -134,6 +134,14 @@ class _Linear(WeightLayer):
     def forward(self, x: Tensor) -> Tensor:
         return self.ops.linear(x, self)
 
+    def entries(self, prefix, names=None):  # one checkpoint matrix (and bias) of shape [full_out, full_in]
+        yield f"{prefix}.weight", "weight", None, (self.full_out, self.full_in)
+        if self.bias is not None:
+            yield f"{prefix}.bias", "bias", None, (self.full_out,)
+
+    def load_target(self, param, shard):
+        return getattr(self, param)
+
 
 class ColumnLinear(_Linear):
     """Output rows split over the tp ranks (each rank computes its slice of y; no communication)."""
@@ -143,14 +151,6 @@ class ColumnLinear(_Linear):
         self.full_in, self.full_out = in_features, out_features
         self.row_start, rows = parallel.split(out_features, "output rows")
         super().__init__(in_features, rows, bias, parallel, fmt)
-
-    def entries(self, prefix, names=None):
-        yield f"{prefix}.weight", "weight", None, (self.full_out, self.full_in)
-        if self.bias is not None:
-            yield f"{prefix}.bias", "bias", None, (self.full_out,)
-
-    def load_target(self, param, shard):
-        return getattr(self, param)
 
     def source_slice(self, param, shard):
         return _whole_or(Slice(0, self.row_start, self.out_features), self.full_out)
@@ -186,14 +186,6 @@ class RowLinear(_Linear):
     def forward(self, x: Tensor) -> Tensor:
         y = self.ops.linear(x, self)
         return self.parallel.all_reduce(y) if self.reduce else y
-
-    def entries(self, prefix, names=None):
-        yield f"{prefix}.weight", "weight", None, (self.full_out, self.full_in)
-        if self.bias is not None:
-            yield f"{prefix}.bias", "bias", None, (self.full_out,)
-
-    def load_target(self, param, shard):
-        return getattr(self, param)
 
     def source_slice(self, param, shard):
         return _whole_or(Slice(1, self.col_start, self.in_features), self.full_in) if param == "weight" else None
