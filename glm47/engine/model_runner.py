@@ -82,7 +82,6 @@ class Step:
 
     input: StepInput
     seqs: list[Sequence]  # the step's sequences in flat-batch order (decodes first)
-    num_tokens: list[int]  # tokens each computes (drafts included)
     offsets: list[int]  # where each starts in the flat batch
     starts: list[int]  # its first position computed (num_computed_tokens before the step)
     sampled: list[Sequence]  # sequences whose last token is computed, in logits order
@@ -157,7 +156,7 @@ class ModelRunner:
                     prompt_top.append(seq.params.prompt_logprobs)
         layout = Layout.of(tables, contexts, query_lens, self.kv.block_size)
         step = StepInput(ids, layout, logits_rows, prompt_rows, prompt_targets, prompt_top, keep_hidden)
-        return Step(step, [s for s, _ in rows], [n for _, n in rows], offsets, starts, sampled, num_logits, scored)
+        return Step(step, [s for s, _ in rows], offsets, starts, sampled, num_logits, scored)
 
     @staticmethod
     def _prompt_targets(seq: Sequence, start: int, n: int, offset: int) -> tuple[list[int], list[int]]:
