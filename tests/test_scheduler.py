@@ -136,3 +136,18 @@ def test_sequences_finish_at_max_tokens_and_at_a_stop_token():
 def test_budget_below_max_num_seqs_is_refused():
     with pytest.raises(ValueError, match="max_num_batched_tokens=4"):
         make(max_num_seqs=8, budget=4)
+
+
+def test_a_decodes_drafts_are_computed_all_together_or_not_at_all():
+    """The scheduler sees num_tokens_to_compute: a decode's last token plus its drafts when the budget has room
+    for all of them, else the token alone; a preempted sequence's drafts do not count while it recomputes."""
+    sched = make(max_num_seqs=2, budget=6)
+    a, b = seq("a", 3), seq("b", 3, start=10)
+    sched.add(a)
+    sched.add(b)
+    step(sched)  # both prompts
+    a.draft_token_ids, b.draft_token_ids = [7, 8, 9], [7, 8]
+    assert (a.num_tokens_to_compute, b.num_tokens_to_compute) == (4, 3)
+    assert sched.schedule().num_tokens == [4, 1]  # a's 4 fit; b's 3 do not fit the 2 left: its token alone
+    sched.block_manager.free(a)  # as a preemption leaves it
+    assert a.num_uncomputed_tokens == len(a) and a.num_tokens_to_compute == len(a)

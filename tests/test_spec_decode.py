@@ -15,6 +15,7 @@ from glm47.config import preset
 from glm47.engine.config import EngineConfig
 from glm47.engine.llm_engine import LLMEngine
 from glm47.engine.sampling import SamplingParams
+from glm47.engine.spec_decode import accepted
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,6 +58,16 @@ def chat_prompts(n):
 
 def greedy(n, **kw):
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)
+
+
+@pytest.mark.parametrize("drafts, tokens, kept", [
+    ([], [5], [5]),  # no drafts: the sampled token
+    ([5, 6, 7], [5, 6, 7, 8], [5, 6, 7, 8]),  # all confirmed: they and the token after them
+    ([5, 6, 7], [5, 9, 7, 8], [5, 9]),  # the second differs: the first draft, then the row's own token
+    ([5, 6], [4, 6, 1], [4]),  # the first differs: plain decoding's token alone
+])
+def test_a_step_keeps_the_confirmed_drafts_then_the_first_token_that_differs(drafts, tokens, kept):
+    assert accepted(drafts, tokens) == kept
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
