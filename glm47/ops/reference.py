@@ -127,8 +127,9 @@ def routed_experts(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Ten
 
 def moe(x: Tensor, moe) -> Tensor:
     """x (N, H) -> the routed experts' weighted sum plus the shared expert's output (added in x's dtype; the
-    shared expert is the block's own MLP module, its down_proj not reduced)."""
-    weights, ids = route(x, moe.gate)
+    shared expert is the block's own MLP module, its down_proj not reduced). The router is called as a module, so
+    that training's forward hooks (training/balance.py) see its choices."""
+    weights, ids = moe.gate(x)
     y = routed_experts(x, moe.experts.w13, moe.experts.w2, weights, ids)
     if moe.shared_experts is not None:
         y = y + moe.shared_experts(x)
