@@ -141,14 +141,14 @@ def test_abort_frees_every_block_whenever_it_happens(checkpoint):
     ([], GREEDY, "prompt is empty"),
     ([5, 512], GREEDY, "token id 512 is not in the vocabulary"),
     ([5, -1], GREEDY, "token id -1"),
-    ([5] * 60, SamplingParams(max_tokens=10), "max_model_len=64"),
-    ([5] * 64, SamplingParams(max_tokens=None), "max_model_len=64"),
+    ([5] * 60, SamplingParams(max_tokens=10), "60 tokens \\+ max_tokens=10 exceeds the context of 64 tokens"),
+    ([5] * 64, SamplingParams(max_tokens=None), "64 tokens exceeds the context of 64 tokens"),
     ([5] * 20, SamplingParams(max_tokens=20), "KV cache pool of 32 tokens"),
     ([5], SamplingParams(n=2), "n=2"),
     ([5], SamplingParams(logit_bias={512: -100}), r"logit_bias token id 512 is not in the vocabulary \[0, 512\)"),
 ])
 def test_a_request_that_can_never_run_is_refused_at_add_request(checkpoint, prompt, params, message):
-    big_pool = message.startswith("max_model_len")
+    big_pool = "context of 64" in message  # max_model_len=64 is the limit, not the pool
     eng = engine(checkpoint[2], max_model_len=64, kv_cache_tokens=128 if big_pool else 32)
     with pytest.raises(ValueError, match=message):
         eng.add_request(prompt, params)

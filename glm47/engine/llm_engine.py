@@ -25,6 +25,7 @@ from glm47.engine.block_manager import BlockManager
 from glm47.engine.config import EngineConfig
 from glm47.engine.model_runner import ModelRunner, Step, num_kv_blocks
 from glm47.engine.sampling import ParamError, SampleOutput, SamplingParams, sample
+from glm47.sampling_params import ContextTooLong
 from glm47.engine.scheduler import ScheduledBatch, Scheduler
 from glm47.engine.sequence import Sequence
 from glm47.engine.spec_decode import SpecDecoder, verify
@@ -158,11 +159,12 @@ class LLMEngine:
         if params.n != 1:
             raise ValueError(f"n={params.n}: the engine runs one sequence per request; add n requests instead")
         limit = min(self.max_model_len, self.pool_tokens)
-        what = (f"the context length max_model_len={self.max_model_len}" if limit == self.max_model_len else
-                f"the KV cache pool of {self.pool_tokens} tokens (raise kv_cache_tokens or kv_cache_bytes)")
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(prompt)
         if len(prompt) + max(max_tokens, 1) > limit:
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} exceeds {what}")
+            if limit == self.max_model_len:
+                raise ContextTooLong(len(prompt), params.max_tokens, limit)
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} exceeds the KV cache "
+                             f"pool of {self.pool_tokens} tokens (raise kv_cache_tokens or kv_cache_bytes)")
         if params.min_tokens > max_tokens:
             raise ParamError("min_tokens", f"min_tokens={params.min_tokens} is more than the {max_tokens} tokens this "
                                            f"request can generate")
