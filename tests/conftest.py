@@ -1,5 +1,8 @@
-"""Shared test fixtures: the official reference files (../shared/reference when beside the checkout, else the
-golden data derived from them in tests/golden), and a CPU-only torch setup."""
+"""Fixtures every test folder may use: the official reference files (../shared/reference when beside the checkout,
+else the golden data derived from them in tests/golden), a one-thread torch setup, and the random tiny checkpoint
+over GLM-4.7's real vocabulary that the engine, text and server tests share. Each folder's conftest.py has the
+fixtures of its own tests; helper modules (helpers.py, server_util.py here, *_util.py in a folder) hold plain
+functions, and no test module imports another."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ REFERENCE_DIR = REPO.parent / "shared" / "reference" / "glm-4.7"
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy shared CPU each parallel op can wait a whole time
-    slice for its second thread (test_engine.py took 100 s instead of 10 s that way). A module asks for it with
+    slice for its second thread (engine/test_engine.py took 100 s instead of 10 s that way). A module asks for it with
     `pytestmark = pytest.mark.usefixtures("one_thread")`."""
     import torch
 
@@ -26,6 +29,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """GLM-4.7's real tokenizer (the vocabulary splintr ships), which the template, text and server tests use."""
+    from glm47.chat import Tokenizer
+
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tmp_path_factory) -> Path:
+    """A random float32 tiny checkpoint with an MTP layer (seed 3, std 0.2: its drafts are mostly wrong). Shared
+    read-only by the model and engine tests."""
+    import torch
+
+    from glm47.checkpoint.writer import init_checkpoint
+    from glm47.config import preset
+
+    path = tmp_path_factory.mktemp("tiny-fp32")
+    init_checkpoint(preset("tiny"), path, seed=3, dtype=torch.float32, std=0.2)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_glm47(tmp_path_factory) -> Path:
+    """A random tiny checkpoint over GLM-4.7's real vocabulary and stop ids (seed 0, std 0.5, so that its greedy
+    output varies), with MTP weights. Shared read-only."""
+    from glm47.checkpoint.writer import init_checkpoint
+    from glm47.config import preset
+
+    path = tmp_path_factory.mktemp("tiny-glm47")
+    init_checkpoint(preset("tiny-glm47"), path, seed=0, std=0.5)
+    return path
 
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"

@@ -12,18 +12,12 @@ import openai
 import pytest
 from server_util import AFTER_TOOL, TOOLS, running, script
 
-from glm47.chat import Tokenizer
 from glm47.server.app import create_app
 from glm47.server.context import ServerConfig
 from glm47.server.scripted import ScriptedEngine
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather of a city",
            "parameters": TOOLS[0]["function"]["parameters"]}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,13 @@ from glm47.config import preset
 from glm47.model.kv_cache import KVCache
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mtp")
-    init_checkpoint(preset("tiny"), path, seed=3, dtype=torch.float32, std=0.2)
-    return path
-
-
-def test_mtp_layer_loads_from_layer_num_hidden_layers(ckpt):
-    keys = load_file(ckpt / "model.safetensors").keys()
+def test_mtp_layer_loads_from_layer_num_hidden_layers(tiny_fp32):
+    keys = load_file(tiny_fp32 / "model.safetensors").keys()
     assert "model.layers.3.eh_proj.weight" in keys and "model.layers.3.mlp.experts.7.up_proj.weight" in keys
-    model = load_model(ckpt, dtype=torch.float32)
+    model = load_model(tiny_fp32, dtype=torch.float32)
     assert model.has_mtp
     assert model.mtp[0].embed_tokens is None and model.mtp[0].shared_head.head is None  # shared with main
-    w = load_file(ckpt / "model.safetensors")["model.layers.3.enorm.weight"]
+    w = load_file(tiny_fp32 / "model.safetensors")["model.layers.3.enorm.weight"]
     assert torch.equal(model.mtp[0].enorm.weight, w)
 
 
@@ -31,8 +24,8 @@ def mtp_logits(model, hidden, next_ids, positions=None, cache=None):
     return model.compute_logits(model.mtp_forward(hidden, next_ids, positions, cache), mtp_layer=0)
 
 
-def test_mtp_forward_shapes_and_draft_for_i_plus_2(ckpt):
-    model = load_model(ckpt, dtype=torch.float32)
+def test_mtp_forward_shapes_and_draft_for_i_plus_2(tiny_fp32):
+    model = load_model(tiny_fp32, dtype=torch.float32)
     ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hidden = model(ids)
@@ -44,11 +37,11 @@ def test_mtp_forward_shapes_and_draft_for_i_plus_2(ckpt):
     assert model.num_kv_layers == 4  # the 3 decoder layers, then the MTP layer
 
 
-def test_mtp_uses_embedding_and_hidden_in_the_right_slots(ckpt):
+def test_mtp_uses_embedding_and_hidden_in_the_right_slots(tiny_fp32):
     """eh_proj sees cat[enorm(embed(next)), hnorm(hidden)]. With eh_proj reading only the first half, the
     draft must depend on the next tokens and not on the hidden state; zeroing enorm then removes the token
     dependence too. Swapping enorm/hnorm or flipping the concat order breaks one of these."""
-    model = load_model(ckpt, dtype=torch.float32)
+    model = load_model(tiny_fp32, dtype=torch.float32)
     mtp = model.mtp[0]
     h = model.config.hidden_size
     ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(1))
@@ -64,16 +57,16 @@ def test_mtp_uses_embedding_and_hidden_in_the_right_slots(ckpt):
         assert torch.allclose(mtp_logits(model, hidden, ids), mtp_logits(model, hidden, other_ids), atol=1e-6)
 
 
-def test_mtp_with_own_embedding_and_head_copies(ckpt, tmp_path):
+def test_mtp_with_own_embedding_and_head_copies(tiny_fp32, tmp_path):
     """GLM-4.5 stores embed_tokens and shared_head.head under the MTP layer; they must be used."""
-    tensors = load_file(ckpt / "model.safetensors")
+    tensors = load_file(tiny_fp32 / "model.safetensors")
     g = torch.Generator().manual_seed(5)
     tensors["model.layers.3.embed_tokens.weight"] = torch.randn(512, 64, generator=g)
     tensors["model.layers.3.shared_head.head.weight"] = torch.randn(512, 64, generator=g)
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    (tmp_path / "config.json").write_text((ckpt / "config.json").read_text())
+    (tmp_path / "config.json").write_text((tiny_fp32 / "config.json").read_text())
     own = load_model(tmp_path, dtype=torch.float32)
-    shared = load_model(ckpt, dtype=torch.float32)
+    shared = load_model(tiny_fp32, dtype=torch.float32)
     assert torch.equal(own.mtp[0].embed_tokens.weight, tensors["model.layers.3.embed_tokens.weight"])
     ids = torch.randint(0, 512, (1, 5), generator=g)
     with torch.no_grad():
@@ -86,8 +79,8 @@ def test_mtp_with_own_embedding_and_head_copies(ckpt, tmp_path):
     assert not torch.allclose(d_own, d_shared, atol=1e-3)
 
 
-def test_mtp_with_kv_cache_matches_full_forward(ckpt):
-    model = load_model(ckpt, dtype=torch.float32)
+def test_mtp_with_kv_cache_matches_full_forward(tiny_fp32):
+    model = load_model(tiny_fp32, dtype=torch.float32)
     ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         hidden = model(ids)

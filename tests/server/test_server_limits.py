@@ -9,17 +9,11 @@ import openai
 import pytest
 from server_util import chunks, running, running_and_kv, script, sse_messages, wait_idle
 
-from glm47.chat import Tokenizer
 from glm47.server.app import create_app
 from glm47.server.context import ServerConfig
 from glm47.server.scripted import ScriptedEngine
 
 LIMIT = 20_000
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ and retired, and CompletionOutput adds the deltas up."""
 
 import pytest
 
-from glm47.chat import EOS_TOKEN_IDS, Tokenizer
+from glm47.chat import EOS_TOKEN_IDS
 from glm47.engine.llm_engine import StepOutput
 from glm47.sampling_params import SamplingParams
 from glm47.text import CompletionOutput, TextDelta, TextDriver, chat_finish_reason
@@ -30,11 +30,6 @@ class RecordingEngine:
     def step(self):
         out, self.queued = self.queued, []
         return out
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
 
 
 def test_a_stop_string_cuts_text_and_tokens_aborts_the_engine_request_and_retires_it(tok):

@@ -23,9 +23,8 @@ USER = [{"role": "user", "content": "Say something."}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-glm47")
-    init_checkpoint(preset("tiny-glm47"), path, seed=0, std=0.5)
+def server(tiny_glm47):
+    path = tiny_glm47
     port = free_port()
     log = open(path / "serve.log", "w+")
     command = [sys.executable, "-m", "glm47.cli.main", "serve", "--model", str(path), "--port", str(port),

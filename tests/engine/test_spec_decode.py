@@ -22,11 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_fp32):
     """A random float32 model with an MTP layer (the torch paths): its drafts are mostly wrong."""
-    path = tmp_path_factory.mktemp("tiny-mtp")
-    init_checkpoint(preset("tiny"), path, seed=3, dtype=torch.float32, std=0.2)
-    return glm47.load_model(path, dtype=torch.float32)
+    return glm47.load_model(tiny_fp32, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

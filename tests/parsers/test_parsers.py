@@ -6,36 +6,11 @@ import random
 
 import pytest
 
-from glm47.parsers import ParsedOutput, ToolCall, parse_output, prompt_ends_in_think
-from glm47.parsers import OutputStream
+from glm47.parsers import OutputStream, ParsedOutput, ToolCall, parse_output, prompt_ends_in_think
+from parser_util import TOOLS, assemble, call, call_id, streamed
 
 
-def fn(name, properties):
-    schema = {"type": "object", "properties": properties}
-    return {"type": "function", "function": {"name": name, "parameters": schema}}
-
-
-TOOLS = [
-    fn("get_weather", {"city": {"type": "string"}, "days": {"type": "integer"}}),
-    fn("list_files", {}),
-    fn("write_file", {"path": {"type": "string"}, "content": {"type": "string"}}),
-    fn("typed", {
-        "s": {"type": "string"}, "i": {"type": "integer"}, "n": {"type": "number"}, "b": {"type": "boolean"},
-        "o": {"type": "object"}, "a": {"type": "array"}, "u": {"description": "no type"},
-        "ns": {"type": ["string", "null"]}, "mixed": {"type": ["integer", "string"]},
-        "any_int": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
-        "one_str": {"oneOf": [{"type": "string"}, {"type": "null"}]},
-        "nullable_num": {"type": "number", "nullable": True},
-        "enum": {"enum": ["a", "b"]},
-    }),
-]
 BARE_TOOLS = [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
-
-
-def call(name, *pairs):
-    """A tool call as the template renders it: `pairs` are (key, already-rendered value text)."""
-    args = "".join(f"<arg_key>{k}</arg_key><arg_value>{v}</arg_value>" for k, v in pairs)
-    return f"<tool_call>{name}{args}</tool_call>"
 
 
 def typed(key, text):
@@ -146,10 +121,6 @@ CUT_CASES = [
 ]
 
 
-def call_id(index):
-    return f"call_{index}"
-
-
 def expected_output(reasoning, content, calls):
     return ParsedOutput(reasoning, content, [ToolCall(call_id(i), name, json.dumps(args, ensure_ascii=False))
                                             for i, (name, args) in enumerate(calls)])
@@ -166,25 +137,6 @@ def chunkings(text):
             pieces.append(text[i:i + n])
             i += n
         yield f"seed{seed}", pieces
-
-
-def streamed(pieces, **kwargs):
-    """What a client assembling the stream's deltas ends up with, as a ParsedOutput."""
-    stream = OutputStream(call_id=call_id, **kwargs)
-    deltas = [d for p in pieces for d in stream.feed(p)] + stream.close()
-    return assemble(deltas), stream
-
-
-def assemble(deltas):
-    reasoning, content, calls = "", "", {}
-    for d in deltas:
-        reasoning += d.reasoning_content or ""
-        content += d.content or ""
-        for tc in d.tool_calls or ():
-            if tc.id is not None:
-                calls[tc.index] = ToolCall(tc.id, tc.name, "")
-            calls[tc.index].arguments += tc.arguments
-    return ParsedOutput(reasoning or None, content or None, [calls[i] for i in sorted(calls)])
 
 
 @pytest.mark.parametrize("case_id, text, kwargs, reasoning, content, calls", CASES + CUT_CASES,

@@ -13,18 +13,12 @@ import httpx
 import pytest
 from server_util import running, script
 
-from glm47.chat import Tokenizer
 from glm47.server.app import create_app
 from glm47.server.context import ServerConfig
 from glm47.server.scripted import ScriptedEngine
 
 CHAT = "/v1/chat/completions"
 BODY = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
 
 
 @pytest.fixture(scope="module")

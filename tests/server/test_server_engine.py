@@ -11,8 +11,6 @@ import torch
 from server_util import chunks, metric, running, running_and_kv, wait_idle
 
 from glm47.chat import Tokenizer
-from glm47.checkpoint.writer import init_checkpoint
-from glm47.config import preset
 from glm47.engine.llm_engine import LLMEngine
 from glm47.server.app import create_app
 from glm47.server.context import ServerConfig
@@ -22,11 +20,10 @@ CLIENTS, MAX_TOKENS = 64, 12
 
 
 @pytest.fixture(scope="module", params=[0, 2], ids=["plain", "mtp-drafts"])
-def served(tmp_path_factory, request):
+def served(tiny_glm47, request):
     """Plain decoding, and with 2 MTP drafts a step (the random MTP layer's drafts are mostly rejected, but they
     are made, verified, preempted and aborted with everything else)."""
-    path = tmp_path_factory.mktemp("tiny-glm47")
-    init_checkpoint(preset("tiny-glm47"), path, seed=0, std=0.5)
+    path = tiny_glm47
     engine = LLMEngine.from_path(path, dtype=torch.float32, kv_cache_tokens=KV_TOKENS,
                                  num_speculative_tokens=request.param)
     with running(create_app(engine, Tokenizer.from_dir(path), ServerConfig())) as url:

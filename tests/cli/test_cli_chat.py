@@ -3,14 +3,14 @@ across turns with its reasoning, reasoning / tool calls / results / answers prin
 streams), /think /clear /help, flags passed through, one-shot mode, the embedded default model, and --url
 against a real server whose scripted engine calls the built-in calculator."""
 
-import contextlib
 import io
 import json
 import sys
 import types
 
 import pytest
-from server_util import free_port, running
+from calculator_util import KEY
+from server_util import free_port
 
 import glm47.cli.chat as chat_cli
 from glm47.cli.main import main
@@ -282,42 +282,11 @@ def test_a_server_error_mid_stream_ends_the_line_and_a_one_shot_question_exits_1
 
 # ---- --url: a real server on a loopback port, its scripted engine calling the built-in calculator ----------
 
-KEY = "sk-chat-test"
-CALC = ("The user wants arithmetic.</think><tool_call>calculator<arg_key>expression</arg_key>"
-        "<arg_value>12 * 7</arg_value></tool_call>")
-AFTER_TOOL = "The calculator says 84.</think>12 * 7 = 84."
 EXCHANGE = ("[thinking]\nThe user wants arithmetic.\n"
             '[tool call] calculator(expression="12 * 7")\n'
             "[tool result] 84\n"
             "[thinking]\nThe calculator says 84.\n"
             "[answer]\n12 * 7 = 84.\n")
-
-
-def calculator_script(prompt: str) -> str:
-    """The scripted engine's reply: call the calculator, then answer once the prompt holds its result."""
-    if prompt.endswith("</think>"):  # thinking switched off
-        return "Thinking is off."
-    return AFTER_TOOL if "<tool_response>" in prompt.rsplit("<|user|>", 1)[-1] else CALC
-
-
-@contextlib.contextmanager
-def calculator_server():
-    """(url, engine) of a real server on a loopback port, with KEY as its API key."""
-    from glm47.chat import Tokenizer
-    from glm47.server.app import create_app
-    from glm47.server.context import ServerConfig
-    from glm47.server.scripted import ScriptedEngine
-
-    tok = Tokenizer.default()
-    engine = ScriptedEngine(tok, calculator_script)
-    with running(create_app(engine, tok, ServerConfig(api_key=KEY))) as url:
-        yield url, engine
-
-
-@pytest.fixture(scope="module")
-def server():
-    with calculator_server() as s:
-        yield s
 
 
 def test_url_chats_with_a_running_server_tools_run_here_and_thinking_is_preserved(server, monkeypatch):

@@ -16,11 +16,6 @@ KNOWN_IDS = [151331, 574, 374, 264, 1273, 1380, 2994, 61701, 374, 28998, 151335,
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.default()
-
-
-@pytest.fixture(scope="module")
 def splintr_glm4():
     import splintr
 

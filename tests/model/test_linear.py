@@ -12,7 +12,6 @@ import torch
 
 from glm47.checkpoint.loader import load_model
 from glm47.checkpoint.safetensors_io import list_tensors
-from glm47.checkpoint.writer import init_checkpoint
 from glm47.config import preset
 from glm47.model.glm4_moe import Glm4MoeForCausalLM
 from glm47.model.linear import WeightLayer
@@ -22,15 +21,8 @@ from glm47.planner.params import REPLICATED, SPLIT_KV, SPLIT_TP
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    init_checkpoint(preset("tiny"), path, seed=3, dtype=torch.float32)
-    return path
-
-
-@pytest.fixture(scope="module")
-def whole(ckpt):
-    return load_model(ckpt, dtype=torch.float32)
+def whole(tiny_fp32):
+    return load_model(tiny_fp32, dtype=torch.float32)
 
 
 def test_every_parameter_element_is_filled_by_exactly_one_checkpoint_tensor():
@@ -54,8 +46,8 @@ def shard(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_rank_of_two_loads_its_shard_of_every_layer(ckpt, whole, rank):
-    part = load_model(ckpt, dtype=torch.float32, parallel=ParallelState(tp_rank=rank, tp_size=2))
+def test_a_rank_of_two_loads_its_shard_of_every_layer(tiny_fp32, whole, rank):
+    part = load_model(tiny_fp32, dtype=torch.float32, parallel=ParallelState(tp_rank=rank, tp_size=2))
     c = preset("tiny")
     D, H, Hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
     for i, (a, w) in enumerate(zip(part.model.layers, whole.model.layers)):
@@ -80,7 +72,7 @@ def test_a_rank_of_two_loads_its_shard_of_every_layer(ckpt, whole, rank):
     assert torch.equal(part.mtp[0].eh_proj.weight, whole.mtp[0].eh_proj.weight)  # replicated
 
 
-def test_kv_heads_replicate_when_tp_exceeds_them(ckpt, whole):
+def test_kv_heads_replicate_when_tp_exceeds_them(tiny_fp32, whole):
     """tiny has 2 KV heads: at tp=4 rank r keeps KV head r // 2 and one of the 4 query heads."""
     c = preset("tiny")
     D, H, Hkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
@@ -98,11 +90,11 @@ def test_kv_heads_replicate_when_tp_exceeds_them(ckpt, whole):
                                                    v[head * D:(head + 1) * D]]))
 
 
-def test_expert_parallel_ranks_load_only_their_experts_and_read_fewer_bytes(ckpt, whole):
+def test_expert_parallel_ranks_load_only_their_experts_and_read_fewer_bytes(tiny_fp32, whole):
     from glm47.checkpoint.loader import load_weights
 
     c = preset("tiny")
-    infos = list_tensors(ckpt)
+    infos = list_tensors(tiny_fp32)
     total = sum(i.nbytes for i in infos.values())
     read = []
     for rank in range(2):
@@ -110,7 +102,7 @@ def test_expert_parallel_ranks_load_only_their_experts_and_read_fewer_bytes(ckpt
         with torch.device("meta"):
             part = Glm4MoeForCausalLM(c, parallel=state, fmt=torch.float32)
         part = part.to_empty(device="cpu")
-        read.append(load_weights(part, infos, ckpt))
+        read.append(load_weights(part, infos, tiny_fp32))
         E = c.n_routed_experts // 2
         for a, w in zip(part.model.layers[1:], whole.model.layers[1:]):
             assert torch.equal(a.mlp.experts.w13, w.mlp.experts.w13[rank * E:(rank + 1) * E])  # whole experts

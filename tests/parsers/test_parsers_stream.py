@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from glm47.parsers import OutputStream, parse_output
-from test_parsers import TOOLS, assemble, call, call_id, fn, streamed
+from parser_util import TOOLS, assemble, call, call_id, fn, streamed
 
 BODY = "".join(f"line {i}: \"quoted\" \\ tab\t ünïcødé\n" for i in range(200))[:4000]
 

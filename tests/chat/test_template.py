@@ -7,7 +7,7 @@ import random
 import pytest
 
 from glm47.chat.template import (MARKERS, render_ids, render_prompt, render_segments, render_with_jinja)
-from glm47.chat.tokenizer import ADDED_TOKENS, Tokenizer
+from glm47.chat.tokenizer import ADDED_TOKENS
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Météo d'une ville",
@@ -27,11 +27,6 @@ TOOLS_BLOCK = (
 def official(official_template):
     """official(messages, tools, **flags): the official template's rendering (conftest.OfficialTemplate)."""
     return official_template
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.default()
 
 
 def both(official, messages, tools=None, **kw) -> str:

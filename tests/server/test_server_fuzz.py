@@ -14,8 +14,6 @@ from hypothesis import HealthCheck, given, settings
 from server_util import running, wait_idle
 
 from glm47.chat import Tokenizer
-from glm47.checkpoint.writer import init_checkpoint
-from glm47.config import preset
 from glm47.engine.llm_engine import LLMEngine
 from glm47.server.app import create_app
 from glm47.server.context import ServerConfig
@@ -25,9 +23,8 @@ pytestmark = pytest.mark.slow  # hundreds of requests through the real engine
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-glm47")
-    init_checkpoint(preset("tiny-glm47"), path, seed=0, std=0.5)
+def served(tiny_glm47):
+    path = tiny_glm47
     # A short context keeps fuzzed max_tokens cheap: a generated request runs at most 64 positions.
     engine = LLMEngine.from_path(path, dtype=torch.float32, kv_cache_tokens=1024, max_model_len=64)
     with running(create_app(engine, Tokenizer.default(), ServerConfig())) as url:

@@ -22,14 +22,7 @@ from glm47.training.optim import build_optimizers, lr_at
 from glm47.training.recipe import NANO, TrainConfig
 from glm47.training.train import STATE_FILE, init_weights, load_train_state, train
 from glm47.training.train_tokenizer import train_tokenizer
-
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=16, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-            first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
-            use_qk_norm=True, attention_bias=True, rope_theta=10000.0, partial_rotary_factor=0.5,
-            num_nextn_predict_layers=1, max_position_embeddings=2048)
-TINY_RUN = TrainConfig(examples=24, vocab_size=400, steps=4, batch_size=4, warmup_steps=1, save_every=100, model=TINY)
-
+from training_util import TINY, TINY_RUN
 
 def tiny_model(seed: int = 0, vocab: int = 64) -> Glm4MoeForCausalLM:
     model = Glm4MoeForCausalLM(ModelConfig(vocab_size=vocab, **TINY))
@@ -217,13 +210,6 @@ def test_tracker_counts_valid_tokens_per_moe_layer_and_moves_the_biases():
 
 
 # ---- whole runs ------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run4")
-    summary = train(TINY_RUN, out, progress=False)
-    return out, summary
-
 
 def test_training_writes_a_checkpoint_with_its_tokenizer_and_stop_ids(trained):
     out, summary = trained

@@ -3,8 +3,6 @@
 import pytest
 
 from glm47.chat import Tokenizer
-from glm47.checkpoint.writer import init_checkpoint
-from glm47.config import preset
 from glm47.engine.llm_engine import StepOutput
 from glm47.sampling_params import SamplingParams
 from glm47.llm import LLM
@@ -13,9 +11,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-glm47")
-    init_checkpoint(preset("tiny-glm47"), path, seed=0, std=0.5)
+def llm(tiny_glm47):
+    path = tiny_glm47
     return LLM(path, dtype="float32", kv_cache_tokens=4096)
 
 

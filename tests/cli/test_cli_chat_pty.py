@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from test_cli_chat import KEY, calculator_server
+from calculator_util import KEY, calculator_server
 
 from glm47.cli.chat import COMMANDS_HELP
 

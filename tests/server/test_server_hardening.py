@@ -19,9 +19,6 @@ import torch
 from server_util import TOOLS, chunks, free_port, running, script, sse_messages, wait_idle
 
 import glm47.engine.llm_engine as llm_engine_module
-from glm47.chat import Tokenizer
-from glm47.checkpoint.writer import init_checkpoint
-from glm47.config import preset
 from glm47.engine.llm_engine import LLMEngine
 from glm47.server.app import create_app, serve
 from glm47.server.context import ServerConfig
@@ -32,15 +29,9 @@ VOCAB = 151552  # tiny-glm47 has GLM-4.7's vocabulary
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
-
-
-@pytest.fixture(scope="module")
-def real(tmp_path_factory, tok):
+def real(tiny_glm47, tok):
     """The real engine on a tiny random checkpoint: what once raised inside its step must now be refused."""
-    path = tmp_path_factory.mktemp("tiny-glm47")
-    init_checkpoint(preset("tiny-glm47"), path, seed=0, std=0.5)
+    path = tiny_glm47
     engine = LLMEngine.from_path(path, dtype=torch.float32, kv_cache_tokens=2048, max_model_len=512)
     with running(create_app(engine, tok, ServerConfig())) as url:
         yield url, engine

@@ -10,8 +10,6 @@ import torch
 import glm47.engine.threads as threads_module
 from glm47.bench import greedy, random_prompt
 from glm47.checkpoint.loader import load_model
-from glm47.checkpoint.writer import init_checkpoint
-from glm47.config import preset
 from glm47.engine.config import EngineConfig
 from glm47.engine.llm_engine import LLMEngine
 from glm47.engine.threads import ThreadGovernor
@@ -19,9 +17,8 @@ from glm47.model.memory import HUGE_PAGE, anon_huge_bytes, huge_pages_enabled
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-glm47")
-    init_checkpoint(preset("tiny-glm47"), path, seed=0, std=0.5)
+def checkpoint(tiny_glm47):
+    path = tiny_glm47
     return path
 
 
