@@ -11,7 +11,7 @@ step the cores that are left: all of them on a quiet machine (no change), fewer 
 Only decode-sized steps (at most `max_rows` tokens, where the CPU kernels compute every row the same way
 whatever the thread count) run on fewer threads; a step with a larger prefill chunk keeps every thread, since
 torch's GEMMs block their sums by thread count and their results would change. So greedy tokens never
-depend on the machine's load (tests/test_engine_threads.py).
+depend on the machine's load (tests/engine/test_engine_threads.py).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ torch's extension directory.
 They only replace torch code, never add behaviour. glm47.ops decides when they run (ops.select once per model:
 CPU, bf16, AVX512-BF16, GLM47_KERNELS not 0, the build worked; ops/cpu.py per call: few enough rows, no
 autograd); otherwise the torch twins in glm47/ops/reference.py run, which round at the same points:
-tests/test_kernels.py holds the two equal."""
+tests/ops/test_kernels.py holds the two equal."""
 
 from __future__ import annotations
 
