@@ -65,9 +65,9 @@ def _tools(arg: str | None) -> list[dict] | None:
 class Printer:
     """Reasoning dimmed under a 'thinking' header, then the answer; tool calls on their own lines."""
 
-    def __init__(self, out=sys.stdout):
-        self.out, self.mode = out, None
-        self.color = out.isatty()
+    def __init__(self, out=None):
+        self.out, self.mode = out or sys.stdout, None  # the stream of this call (a default would be the import's)
+        self.color = self.out.isatty()
 
     def write(self, mode: str, text: str) -> None:
         if mode != self.mode:
