@@ -133,7 +133,7 @@ class _Blocks:
                 self._delta({"type": "text_delta", "text": d.content})]
         events = []
         for call in d.tool_calls:
-            if call.id is not None:  # a new call: a new block, whose input arrives as JSON fragments
+            if call.id is not None:  # a new call: a new block; its whole input follows as one input_json_delta
                 events += self.close() + self._open("tool_use", {"type": "tool_use", "id": call.id,
                                                                  "name": call.name, "input": {}})
             events.append(self._delta({"type": "input_json_delta", "partial_json": call.arguments}))

@@ -1,10 +1,9 @@
-"""The FastAPI app: create_app(engine, tokenizer, config) wires the OpenAI and Anthropic routers, API-key
-auth, the request guards (glm47/server/http.py: body size and deadline, JSON-only and Host checks without a
-key), /health, /metrics and /openapi.json, and one error format per API (an Anthropic path gets Anthropic's
-error body, everything else OpenAI's). No traceback ever reaches a client. serve() runs it with uvicorn (a
-header deadline and a connection cap on top of uvicorn's h11); on SIGTERM uvicorn stops accepting, lets
-in-flight requests finish, then the engine stops. An engine that fails stops the server: serve() returns 1,
-for a supervisor to restart it."""
+"""The FastAPI app: create_app(engine, tokenizer, config) wires the OpenAI, Anthropic and Responses routers, the web
+chat, API-key auth, the request guards (glm47/server/http.py: body size and deadline, JSON-only and Host checks without
+a key), /health, /metrics and /openapi.json, and one error format per API (an Anthropic path gets Anthropic's error
+body, everything else OpenAI's). No traceback ever reaches a client. serve() runs it with uvicorn (a header deadline and
+a connection cap on top of uvicorn's h11); on SIGTERM uvicorn stops accepting, lets in-flight requests finish, then the
+engine stops. An engine that fails stops the server: serve() returns 1, for a supervisor to restart it."""
 
 from __future__ import annotations
 

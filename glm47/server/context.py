@@ -1,5 +1,5 @@
 """ServerConfig (what `glm47 serve` sets) and ServerContext, what every route shares: the async engine,
-tokenizer, metrics and config, plus the steps the OpenAI and Anthropic endpoints have in common (model-name
+tokenizer, metrics and config, plus the steps the OpenAI, Anthropic and Responses endpoints have in common (model-name
 check, prompt rendering off the event loop, submission with errors mapped to HTTP answers)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""OpenAI-compatible endpoints: /v1/chat/completions (also under Z.ai's /api/paas/v4 paths), /v1/models.
-Chat replies carry `reasoning_content` (and its alias `reasoning`) next to `content`, and tool calls in
-OpenAI's streaming shape: a call's first delta has index, id, type, name and arguments "", later deltas
-only argument fragments. Also /v1/completions (raw prompts) and vLLM's /tokenize and /detokenize."""
+"""OpenAI-compatible endpoints: /v1/chat/completions (also under Z.ai's /api/paas/v4 paths), /v1/models. Chat replies
+carry `reasoning_content` (and its alias `reasoning`) next to `content`, and tool calls in OpenAI's streaming shape: one
+delta per call, sent once the call has closed, with index, id, type, name and the whole arguments (a half-finished call
+is never sent). Also /v1/completions (raw prompts) and vLLM's /tokenize and /detokenize."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Streaming plumbing shared by the OpenAI and Anthropic endpoints: SSE framing, iterating a request's
+"""Streaming plumbing shared by the OpenAI, Anthropic and Responses endpoints: SSE framing, iterating a request's
 outputs with keep-alive ticks, aborting on client disconnect, and ChoiceState, which parses one choice's
 text into reasoning / content / tool-call deltas as it streams (glm47/parsers) and adds up its output
 (glm47/text's CompletionOutput) for the final answer and the usage. The wire shapes of each API live in
