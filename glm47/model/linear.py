@@ -37,9 +37,10 @@ from glm47.ops import REFERENCE, Ops
 
 @dataclass(frozen=True, slots=True)
 class WeightFormat:
-    """How a layer stores its weights. A plain format keeps them in the compute dtype (bf16 for the official
-    checkpoints; float32 for training and parity tests)."""
-    dtype: torch.dtype = torch.bfloat16
+    """How a layer stores its weights. A plain format keeps them in the compute dtype: bf16 for the official
+    checkpoints (what load_model asks for), float32 when nothing is said (training, parity tests), as torch's
+    own modules. An 8-bit format will add its scales here."""
+    dtype: torch.dtype = torch.float32
 
     @property
     def name(self) -> str:
@@ -47,7 +48,7 @@ class WeightFormat:
 
     @classmethod
     def of(cls, fmt: WeightFormat | torch.dtype | None) -> WeightFormat:
-        return fmt if isinstance(fmt, WeightFormat) else cls(torch.float32 if fmt is None else fmt)
+        return fmt if isinstance(fmt, WeightFormat) else cls() if fmt is None else cls(fmt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,8 @@ class Entry:
 
 
 class WeightLayer(nn.Module):
+    """A layer that owns weights: it sizes and allocates its shard and answers the loader, the writer and the
+    optimiser (see the module docstring). Subclasses fill in entries, load_target and source_slice."""
     ops: Ops = REFERENCE  # model.use_ops sets the model's choice on every layer
 
     def __init__(self, parallel: ParallelState | None, fmt: WeightFormat | torch.dtype | None):
