@@ -37,14 +37,9 @@ def random_batch(vocab: int = 64, B: int = 3, T: int = 24, seed: int = 0):
     return ids, mask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes gain nothing from threads, and spinning OpenMP workers get 10x slower whenever another
-    process takes a core of a small shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny shapes gain nothing from threads, and spinning OpenMP workers get 10x slower whenever another process takes
+# a core of a small shared machine (the root conftest's one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
