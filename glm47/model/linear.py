@@ -167,10 +167,14 @@ class ReplicatedLinear(ColumnLinear):
 
 
 class LMHead(ColumnLinear):
-    """The vocabulary projection: rows (token ids) split over the tp ranks; a rank's logits are its ids' logits."""
+    """The vocabulary projection: rows (token ids) split over the tp ranks. Each rank computes its ids' logits and
+    the forward gathers them, in rank order, into the whole vocabulary's."""
 
     def __init__(self, hidden_size: int, vocab_size: int, parallel=None, fmt=None):
         super().__init__(hidden_size, vocab_size, bias=False, parallel=parallel, fmt=fmt)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.parallel.all_gather(self.ops.linear(x, self), dim=-1)
 
 
 class RowLinear(_Linear):
@@ -259,6 +263,11 @@ class FusedExperts(WeightLayer):
                                                     else p.split(intermediate_size, "expert intermediate size"))
         self.w13 = self._param(self.num_local, 2 * self.intermediate_size, hidden_size)
         self.w2 = self._param(self.num_local, hidden_size, self.intermediate_size)
+
+    @property
+    def local_first(self) -> int | None:
+        """The first expert this rank holds under expert parallelism; None when it holds them all."""
+        return None if self.num_local == self.num_experts else self.first_expert
 
     def entries(self, prefix, names=None):
         H, I = self.hidden_size, self.full_inter

@@ -52,7 +52,8 @@ def qk_norm_rope(qkv: Tensor, attn, cos: Tensor, sin: Tensor) -> tuple[Tensor, T
 def moe(x: Tensor, moe) -> Tensor:
     """The router (for a decode step's few tokens) and then the routed and shared experts in one call each."""
     gate, experts, shared = moe.gate, moe.experts, moe.shared_experts
-    if not takes(x, experts.w13, kernels.EXPERTS_MAX_TOKENS):
+    if experts.local_first is not None or not takes(x, experts.w13, kernels.EXPERTS_MAX_TOKENS):
+        # The kernel takes every expert's ids; under expert parallelism (a block of experts) the twin runs.
         return reference.moe(x, moe)
     if takes(x, experts.w13, kernels.ROUTE_MAX_TOKENS):
         weights, ids = kernels.route(x, gate.weight, gate.e_score_correction_bias, gate.top_k, gate.n_group,

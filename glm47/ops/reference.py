@@ -102,15 +102,26 @@ def route(x: Tensor, gate) -> tuple[Tensor, Tensor]:
                           gate.norm_topk_prob, gate.scale)
 
 
-def routed_experts(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-    """x: (N, H); stacked experts w13 (E, 2I, H), w2 (E, H, I); weights, ids: (N, K) -> (N, H). Token copies are
-    sorted by expert so each expert runs one GEMM (of a few fixed sizes, see gemm_rows) over a contiguous block;
-    the Python loop is over experts that received tokens."""
+def routed_experts(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
+                   first: int | None = None) -> Tensor:
+    """x: (N, H); stacked experts w13 (E, 2I, H), w2 (E, H, I); weights, ids: (N, K) -> (N, H). Under expert
+    parallelism (`first` given) the stack holds experts first .. first + E - 1 and only the token copies routed to
+    them are computed: the other ranks' sums complete this one's. Token copies are sorted by expert so each expert
+    runs one GEMM (of a few fixed sizes, see gemm_rows) over a contiguous block; the Python loop is over experts
+    that received tokens."""
     N, K = ids.shape
+    E = w13.shape[0]
     flat = ids.reshape(-1)  # (N*K,) expert of each token copy
+    copies = None
+    if first is not None:
+        flat = flat - first
+        copies = torch.nonzero((flat >= 0) & (flat < E)).squeeze(1)  # the copies this rank runs
+        flat = flat[copies]
     order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=E).tolist()  # one host sync per layer
+    if copies is not None:
+        order = copies[order]  # as indices into all N*K copies
     token_of = order // K  # source token of each sorted copy
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()  # one host sync per layer
     xs = x[token_of]  # (N*K, H) grouped by expert
     out = torch.empty_like(xs)
     start = 0
@@ -130,7 +141,7 @@ def moe(x: Tensor, moe) -> Tensor:
     shared expert is the block's own MLP module, its down_proj not reduced). The router is called as a module, so
     that training's forward hooks (training/balance.py) see its choices."""
     weights, ids = moe.gate(x)
-    y = routed_experts(x, moe.experts.w13, moe.experts.w2, weights, ids)
+    y = routed_experts(x, moe.experts.w13, moe.experts.w2, weights, ids, moe.experts.local_first)
     if moe.shared_experts is not None:
         y = y + moe.shared_experts(x)
     return y
