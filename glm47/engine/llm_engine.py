@@ -23,7 +23,8 @@ from glm47 import kernels
 from glm47.checkpoint.loader import load_model
 from glm47.engine.block_manager import BlockManager
 from glm47.engine.config import EngineConfig
-from glm47.engine.model_runner import ModelRunner, Step, num_kv_blocks
+from glm47.engine.model_runner import ModelRunner, Step
+from glm47.engine.ranks import StepBroadcast, kv_blocks_for
 from glm47.engine.sampling import ParamError, SampleOutput, SamplingParams, sample
 from glm47.sampling_params import ContextTooLong
 from glm47.engine.scheduler import ScheduledBatch, Scheduler
@@ -99,12 +100,15 @@ class LLMEngine:
         self.vocab_size = mc.vocab_size
         self.max_model_len = min(mc.max_position_embeddings, config.max_model_len or mc.max_position_embeddings)
         device = model.lm_head.weight.device
-        num_blocks = num_kv_blocks(config, ModelRunner.kv_bytes_per_block(model, config.block_size), device,
-                                   self.max_model_len)
         if config.num_speculative_tokens and not model.has_mtp:
             raise ValueError(f"num_speculative_tokens={config.num_speculative_tokens} drafts with the checkpoint's "
                              f"MTP layer (model.layers.{mc.num_hidden_layers}.*), and this model has none")
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        parallel = model.parallel
+        if parallel.tp_rank != 0:
+            raise ValueError(f"the engine runs on tp rank 0; rank {parallel.tp_rank} runs engine.ranks.run_rank")
+        num_blocks = kv_blocks_for(model, config)  # the same on every rank
+        self.runner = ModelRunner(model, num_blocks, config.block_size,
+                                  StepBroadcast(parallel) if parallel.tp_size > 1 else None)
         self.threads = ThreadGovernor(max_rows=kernels.LINEAR_MAX_ROWS,
                                       enabled=config.adaptive_threads and device.type == "cpu")
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -287,6 +291,12 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_tokens):
             self._tokens_computed += n
             self._prompt_tokens_computed += max(0, min(n, seq.num_prompt_tokens - seq.num_computed_tokens))
+
+    def shutdown(self) -> None:
+        """Tells the other tensor-parallel ranks to return from run_rank (nothing to do in one process)."""
+        if self.runner.broadcast is not None:
+            self.runner.broadcast.send("stop", None)
+            self.runner.broadcast = None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:

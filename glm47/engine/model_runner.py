@@ -100,18 +100,19 @@ class ModelOutput:
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int):
-        config = model.config
+    def __init__(self, model, num_blocks: int, block_size: int, broadcast=None):
+        """broadcast: on rank 0 of several tensor-parallel ranks, the StepBroadcast that sends every input to the
+        other ranks before this one runs it (engine/ranks.py)."""
         param = model.lm_head.weight
-        self.model = model
+        self.model, self.broadcast = model, broadcast
         self.device, self.dtype = param.device, param.dtype
-        self.kv = KVPool(model.num_kv_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim,
+        self.kv = KVPool(model.num_kv_layers, num_blocks, block_size, model.num_kv_heads, model.config.head_dim,
                          self.dtype, self.device)
 
     @staticmethod
     def kv_bytes_per_block(model, block_size: int) -> int:
-        c, dtype = model.config, model.lm_head.weight.dtype
-        return KVPool.bytes_per_block(model.num_kv_layers, block_size, c.num_key_value_heads, c.head_dim, dtype)
+        return KVPool.bytes_per_block(model.num_kv_layers, block_size, model.num_kv_heads, model.config.head_dim,
+                                      model.lm_head.weight.dtype)
 
     def prepare(self, batch: ScheduledBatch, keep_hidden: bool = False) -> Step:
         """The driver's half: batch.num_tokens[i] tokens of batch.seqs[i] (from its num_computed_tokens on),
@@ -170,6 +171,8 @@ class ModelRunner:
     def execute(self, step: StepInput) -> ModelOutput:
         """Every rank's half: runs the step through the model, writing its K/V into the pool; does not look at
         any sequence."""
+        if self.broadcast is not None:
+            self.broadcast.send("step", step)
         dev = self.device
         batch = ForwardBatch.build(self.kv, step.layout, self.model.ops)
         input_ids = torch.tensor(step.token_ids, dtype=torch.long, device=dev)[None]  # (1, T)

@@ -130,6 +130,8 @@ def draft(runner: ModelRunner, hidden: Tensor, d: DraftInput) -> list[list[int]]
     position on (that position's MTP K/V is rewritten by the next step). Returns the drafts per head."""
     if not d.token_ids:
         return []
+    if runner.broadcast is not None:
+        runner.broadcast.send("draft", d)
     model, dev = runner.model, runner.device
 
     def rows(x: Tensor, index: list[int]) -> Tensor:

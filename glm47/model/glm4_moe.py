@@ -25,7 +25,7 @@ from glm47.model.kv_cache import AttentionCache, NoCache
 from glm47.model.layers import RMSNorm, RotaryEmbedding
 from glm47.model.linear import Entry, LMHead, VocabEmbedding, WeightFormat, checkpoint_entries
 from glm47.model.mtp import MTPLayer
-from glm47.model.parallel import SINGLE, ParallelState
+from glm47.model.parallel import SINGLE, ParallelState, check_tp
 from glm47.ops import Ops, select, use
 
 
@@ -60,6 +60,7 @@ class Glm4MoeForCausalLM(nn.Module):
         Built on the meta device (as the loader does), the ops are chosen once the weights have a device."""
         super().__init__()
         self.config, self.parallel, self.fmt = config, parallel or SINGLE, WeightFormat.of(fmt)
+        check_tp(config, self.parallel.tp_size)
         p, f = self.parallel, self.fmt
         self.model = Glm4MoeModel(config, p, f)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, p, f)
@@ -91,6 +92,11 @@ class Glm4MoeForCausalLM(nn.Module):
     @property
     def has_mtp(self) -> bool:
         return len(self.mtp) > 0
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this rank's attention layers keep (all of them in one process)."""
+        return self.model.layers[0].self_attn.num_kv_heads
 
     @property
     def num_kv_layers(self) -> int:

@@ -77,3 +77,27 @@ class ParallelState:
 
 
 SINGLE = ParallelState()
+
+
+def tp_splits(config, tp: int) -> list[str]:
+    """What a tensor-parallel size of `tp` cannot split evenly for this model config (empty: tp is valid). Heads
+    split by rank; KV heads split, or are replicated when tp is a multiple of them; the vocabulary and every MLP
+    width split by rank."""
+    c = config
+    problems = [f"{n} {what}" for n, what in [
+        (c.num_attention_heads, "attention heads"), (c.vocab_size, "vocabulary rows"),
+        (c.intermediate_size, "dense MLP width"), (c.moe_intermediate_size, "expert width"),
+        (c.moe_intermediate_size * c.n_shared_experts, "shared expert width")] if n and n % tp]
+    kv = c.num_key_value_heads
+    if (kv % tp) if tp <= kv else (tp % kv):
+        problems.append(f"{kv} KV heads")
+    return problems
+
+
+def check_tp(config, tp: int) -> None:
+    """Refuses a tensor-parallel size the model cannot be split over, listing the sizes it can."""
+    problems = tp_splits(config, tp)
+    if problems:
+        valid = [n for n in range(1, 257) if not tp_splits(config, n)]
+        raise ValueError(f"tp_size={tp} does not split {', '.join(problems)}; valid sizes: "
+                         f"{', '.join(map(str, valid))}")

@@ -15,7 +15,7 @@ from glm47.checkpoint.safetensors_io import list_tensors
 from glm47.config import preset
 from glm47.model.glm4_moe import Glm4MoeForCausalLM
 from glm47.model.linear import WeightLayer
-from glm47.model.parallel import ParallelState
+from glm47.model.parallel import ParallelState, check_tp
 from glm47.planner import tensor_families
 from glm47.planner.params import REPLICATED, SPLIT_KV, SPLIT_TP
 
@@ -111,10 +111,13 @@ def test_expert_parallel_ranks_load_only_their_experts_and_read_fewer_bytes(tiny
     assert all(r < 0.75 * total for r in read), (read, total)
 
 
-def test_invalid_tp_sizes_are_refused_naming_what_does_not_split():
-    with pytest.raises(ValueError, match="tp_size=3"):
+def test_invalid_tp_sizes_are_refused_naming_what_does_not_split_and_the_valid_ones():
+    with pytest.raises(ValueError, match=r"tp_size=3 does not split 4 attention heads, 512 vocabulary rows, .*"
+                                         r"2 KV heads; valid sizes: 1, 2, 4$"):
         with torch.device("meta"):
             Glm4MoeForCausalLM(preset("tiny"), parallel=ParallelState(tp_rank=0, tp_size=3))
+    with pytest.raises(ValueError, match="valid sizes: 1, 2, 4, 8, 16, 32$"):  # GLM-4.7: 96 heads, 8 KV heads
+        check_tp(preset("glm-4.7"), 6)
     with pytest.raises(ValueError, match="tp_rank=2"):
         ParallelState(tp_rank=2, tp_size=2)
 

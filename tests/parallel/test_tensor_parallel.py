@@ -2,40 +2,17 @@
 tiny float32 checkpoint, give the logits of one process (and of the MTP layer), with 2 all-reduces per decoder
 layer and 1 for the embedding. Every process is ended by the test, within a time bound."""
 
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from parallel_util import run_ranks
+from tp_worker import IDS
 
 from glm47.checkpoint.loader import load_model
 from glm47.config import preset
 
 WORKER = Path(__file__).with_name("tp_worker.py")
-sys.path.insert(0, str(WORKER.parent))
-from tp_worker import IDS  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(world: int, checkpoint: Path, out: Path, *flags: str) -> dict:
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(port), str(checkpoint), str(out),
-                               *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
-    try:
-        logs = [p.communicate(timeout=240)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    return torch.load(out)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +26,7 @@ def single(tiny_fp32):
 
 @pytest.mark.parametrize("world, flags", [(2, ()), (4, ()), (2, ("--ep",))], ids=["tp2", "tp4-kv-replicated", "tp2-ep2"])
 def test_sharded_forward_gives_the_logits_of_one_process(tiny_fp32, single, tmp_path, world, flags):
-    got = run_ranks(world, tiny_fp32, tmp_path / "out.pt", *flags)
+    got = run_ranks(WORKER, world, tiny_fp32, tmp_path / "out.pt", *flags)
     logits, draft = single
     torch.testing.assert_close(got["logits"], logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got["draft"], draft, rtol=1e-4, atol=1e-4)
