@@ -1,8 +1,24 @@
 """glm47: a readable, fast, from-scratch implementation of GLM-4.7 (model, prompt format, engine, serving)."""
 
+import logging
+
 from glm47.config import PRESETS, ModelConfig, preset
 
 __version__ = "0.1.0"
+
+
+class _NoCudaRuntimeNote(logging.Filter):
+    """Importing torch.utils.cpp_extension, which builds the CPU kernels (glm47.kernels), makes the CUDA build of
+    torch warn "No CUDA runtime is found, using CUDA_HOME=..." on a machine without a GPU that has nvcc or
+    CUDA_HOME: noise for a CPU build, printed by every command that loads a model. Only that line is dropped. It is
+    set here, before anything imports torch: set later (beside the build in glm47.kernels), it did not take with
+    torch 2.14.1's CUDA build (tests/cli/test_cli_quiet.py failed there)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNote())
 
 
 def load_model(path, dtype="bfloat16", device="cpu", **kwargs):

@@ -20,19 +20,6 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-
-class _NoCudaRuntimeNote(logging.Filter):
-    """Importing torch.utils.cpp_extension, which builds the CPU kernels, makes the CUDA build of
-    torch warn "No CUDA runtime is found, using CUDA_HOME=..." on a machine without a GPU that has nvcc or
-    CUDA_HOME: noise for a CPU build, printed by every command that loads a model. Only that line is dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("No CUDA runtime is found")
-
-
-logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNote())
-
-
 # Most rows (tokens) each kernel takes. Measured on a 2-core AVX512-BF16 EPYC (no AMX) with the `bench` model's
 # shapes (benchmarks/bench_kernels.py): the linear beats oneDNN 1.1-2.2x up to 16 rows and ~1.3x at 32 (but
 # 0.93x for K=3072), ties at 64 and loses from 128 on (oneDNN's packed GEMM is better once compute-bound); the
