@@ -76,11 +76,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, float_out: boo
 
 
 def routed_experts(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor, shared_w13: Tensor | None = None,
-                   shared_w2: Tensor | None = None) -> Tensor:
+                   shared_w2: Tensor | None = None, first: int | None = None) -> Tensor:
     """x (N, H) bf16, stacked experts w13 (E, 2I, H) and w2 (E, H, I), routing weights (N, K) float32 and
     expert ids (N, K) -> sum_k weights[:, k] * expert_{ids[:, k]}(x), (N, H) bf16; with a shared expert's
-    gate_up (2Is, H) and down (H, Is) weights, plus its output (added in bf16). glm47.ops decides when it applies."""
-    return extension().routed_experts(x.contiguous(), w13, w2, weights, ids, shared_w13, shared_w2)
+    gate_up (2Is, H) and down (H, Is) weights, plus its output (added in bf16). With `first` (expert parallelism)
+    the stacks hold experts first .. first + E - 1 and the sum is over the copies routed to them.
+    glm47.ops decides when it applies."""
+    return extension().routed_experts(x.contiguous(), w13, w2, weights, ids, shared_w13, shared_w2,
+                                      -1 if first is None else first)
 
 
 def route(x: Tensor, weight: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int, norm_topk_prob: bool,

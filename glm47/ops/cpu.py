@@ -52,16 +52,17 @@ def qk_norm_rope(qkv: Tensor, attn, cos: Tensor, sin: Tensor) -> tuple[Tensor, T
 def moe(x: Tensor, moe) -> Tensor:
     """The router (for a decode step's few tokens) and then the routed and shared experts in one call each."""
     gate, experts, shared = moe.gate, moe.experts, moe.shared_experts
-    if experts.local_first is not None or not takes(x, experts.w13, kernels.EXPERTS_MAX_TOKENS):
-        # The kernel takes every expert's ids; under expert parallelism (a block of experts) the twin runs.
+    if not takes(x, experts.w13, kernels.EXPERTS_MAX_TOKENS):
         return reference.moe(x, moe)
     if takes(x, experts.w13, kernels.ROUTE_MAX_TOKENS):
         weights, ids = kernels.route(x, gate.weight, gate.e_score_correction_bias, gate.top_k, gate.n_group,
                                      gate.topk_group, gate.norm_topk_prob, gate.scale)
     else:
         weights, ids = reference.route(x, gate)
-    shared_weights = (shared.gate_up_proj.weight, shared.down_proj.weight) if shared is not None else ()
-    return kernels.routed_experts(x, experts.w13, experts.w2, weights, ids, *shared_weights)
+    shared_w13 = shared.gate_up_proj.weight if shared is not None else None
+    shared_w2 = shared.down_proj.weight if shared is not None else None
+    return kernels.routed_experts(x, experts.w13, experts.w2, weights, ids, shared_w13, shared_w2,
+                                  experts.local_first)
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, mask: Tensor | None,

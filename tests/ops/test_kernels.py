@@ -313,3 +313,20 @@ def test_bf16_engine_gives_the_same_greedy_tokens_with_kernels_on_and_off(bf16_m
         bf16_model.use_ops(CPU_BF16)
     assert counts == before, "the torch ops must keep every call off the kernels"
     assert on == off
+
+
+@pytest.mark.parametrize("first, T, K", [(0, 5, 3), (4, 16, 2), (4, 300, 4)])
+def test_routed_experts_of_one_expert_parallel_rank_equal_the_twin(first, T, K):
+    """A rank holding experts first .. first + 3 of 8 computes only the copies routed to them, as the twin does
+    (the other ranks' sums complete it); its shared expert is added whole."""
+    ex = random_experts(8, 64, 32, seed=first + T)
+    x = torch.randn(T, 64).bfloat16()
+    weights, ids = routing(T, 8, K, seed=T)
+    w13, w2 = ex.w13[first:first + 4].contiguous(), ex.w2[first:first + 4].contiguous()
+    got = kernels.routed_experts(x, w13, w2, weights, ids, first=first)
+    bf16_close(got, routed_experts(x, w13, w2, weights, ids, first), min_equal=0.95)
+    other = 4 - first
+    rest = kernels.routed_experts(x, ex.w13[other:other + 4].contiguous(), ex.w2[other:other + 4].contiguous(),
+                                  weights, ids, first=other)
+    whole = routed_experts(x, ex.w13, ex.w2, weights, ids)
+    torch.testing.assert_close((got.float() + rest.float()), whole.float(), rtol=2 ** -6, atol=2e-2)

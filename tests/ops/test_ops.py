@@ -35,8 +35,8 @@ def _route(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scale):
                                     scale)
 
 
-def _routed_experts(x, w13, w2, weights, ids, shared_w13=None, shared_w2=None):
-    y = reference.routed_experts(x, w13, w2, weights, ids)
+def _routed_experts(x, w13, w2, weights, ids, shared_w13=None, shared_w2=None, first=None):
+    y = reference.routed_experts(x, w13, w2, weights, ids, first)
     if shared_w13 is not None:
         gate, up = F.linear(x, shared_w13).chunk(2, dim=-1)
         y = y + F.linear(F.silu(gate) * up, shared_w2)

@@ -17,7 +17,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias") = py::none(), py::arg("float_out") = false);
   m.def("routed_experts", &routed_experts, "weighted sum of each token's routed experts, plus the shared expert (bf16)",
         py::arg("x"), py::arg("w13"), py::arg("w2"), py::arg("weights"), py::arg("ids"),
-        py::arg("shared_w13") = py::none(), py::arg("shared_w2") = py::none());
+        py::arg("shared_w13") = py::none(), py::arg("shared_w2") = py::none(), py::arg("first") = -1);
   m.def("route", &route, "sigmoid router: bias-corrected, group-limited top-k");
   m.def("decode_attention", &decode_attention, "one query per sequence over paged bf16 K/V (GQA)");
   m.def("prefill_attention", &prefill_attention, "causal attention of a chunk of queries over paged bf16 K/V",

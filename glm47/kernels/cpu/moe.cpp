@@ -178,7 +178,7 @@ void run_experts(std::vector<ExpertRows>& ex, bool packed, int64_t H, bf16* gu, 
 
 at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& weights,
                           const at::Tensor& ids, const c10::optional<at::Tensor>& shared_w13,
-                          const c10::optional<at::Tensor>& shared_w2) {
+                          const c10::optional<at::Tensor>& shared_w2, int64_t first) {
   check_bf16_matrix(x, "x", 2);
   check_bf16_matrix(w13, "w13", 3);
   check_bf16_matrix(w2, "w2", 3);
@@ -205,20 +205,29 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::
   const int64_t* idp = id.data_ptr<int64_t>();
   const float* wtp = wt.data_ptr<float>();
 
-  // Copies grouped by expert, in token order within an expert (a stable sort by expert id).
-  std::vector<int64_t> start(E + 1, 0), src(C);
+  // Copies grouped by expert, in token order within an expert (a stable sort by expert id). Under expert
+  // parallelism (first >= 0) this rank holds experts first .. first + E - 1: the other copies are other ranks' work.
+  const bool local = first >= 0;
+  const int64_t base = local ? first : 0;
+  std::vector<int64_t> start(E + 1, 0);
   for (int64_t c = 0; c < C; ++c) {
-    TORCH_CHECK(idp[c] >= 0 && idp[c] < E, "expert id ", idp[c], " out of range [0, ", E, ")");
-    ++start[idp[c] + 1];
+    const int64_t e = idp[c] - base;
+    if (local && (e < 0 || e >= E)) continue;
+    TORCH_CHECK(e >= 0 && e < E, "expert id ", idp[c], " out of range [0, ", E, ")");
+    ++start[e + 1];
   }
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t c = 0; c < C; ++c) src[fill[idp[c]]++] = c;  // src[row] = flat (token, k) index
+  const int64_t R = start[E];  // the copies computed here: all C without expert parallelism
+  std::vector<int64_t> fill(start.begin(), start.end() - 1), src(R);
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t e = idp[c] - base;
+    if (e >= 0 && e < E) src[fill[e]++] = c;  // src[row] = flat (token, k) index
+  }
 
-  const int64_t Imax = std::max(I, Is), rows_total = C + (shared ? T : 0);  // the shared expert's rows come last
-  std::vector<int64_t> token(C);  // token of each grouped row
-  std::vector<float> weight(C);  // its routing weight
-  for (int64_t r = 0; r < C; ++r) {
+  const int64_t Imax = std::max(I, Is), rows_total = R + (shared ? T : 0);  // the shared expert's rows come last
+  std::vector<int64_t> token(R);  // token of each grouped row
+  std::vector<float> weight(R);  // its routing weight
+  for (int64_t r = 0; r < R; ++r) {
     token[r] = src[r] / K;
     weight[r] = wtp[src[r]];
   }
@@ -229,9 +238,9 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::
       ex.push_back({w13.data_ptr<bf16>() + e * 2 * I * H, w2.data_ptr<bf16>() + e * H * I, I, xp,
                     token.data() + start[e], start[e + 1] - start[e], start[e], 0});
   const size_t routed = ex.size();
-  if (shared) ex.push_back({shared_w13->data_ptr<bf16>(), shared_w2->data_ptr<bf16>(), Is, xp, nullptr, T, C, 0});
+  if (shared) ex.push_back({shared_w13->data_ptr<bf16>(), shared_w2->data_ptr<bf16>(), Is, xp, nullptr, T, R, 0});
   const bool packed = packs(ex, H);
-  at::Tensor xs = at::empty({packed ? 0 : C, H}, x.options());  // unpacked: x of each copy, grouped
+  at::Tensor xs = at::empty({packed ? 0 : R, H}, x.options());  // unpacked: x of each copy, grouped
   at::Tensor gu = at::empty({packed ? 0 : rows_total, 2 * Imax}, x.options());  // bf16 gate | up, as F.linear
   at::Tensor h = at::empty({packed ? 0 : rows_total, Imax}, x.options());  // bf16(silu(gate) * up)
   at::Tensor acc = at::zeros({T, H}, x.options().dtype(at::kFloat));
@@ -240,7 +249,7 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::
   bf16 *xsp = xs.data_ptr<bf16>(), *ysp = ys.data_ptr<bf16>(), *yp = y.data_ptr<bf16>();
   float* accp = acc.data_ptr<float>();
   if (!packed) {  // gemm_rows reads each expert's rows contiguous
-    for (int64_t r = 0; r < C; ++r) std::copy_n(xp + token[r] * H, H, xsp + r * H);
+    for (int64_t r = 0; r < R; ++r) std::copy_n(xp + token[r] * H, H, xsp + r * H);
     for (size_t i = 0; i < routed; ++i) {
       ex[i].x = xsp + ex[i].r0 * H;
       ex[i].tok = nullptr;

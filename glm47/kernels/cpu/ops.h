@@ -8,6 +8,8 @@
 //                    expert, gate/up projection + SiLU-and-multiply, down projection, weighted sum in expert order.
 //                    A decode step reads each expert's few rows in place (dot products, as `linear`); a prefill
 //                    chunk packs the activations by 16 tokens and broadcasts weight pairs (no horizontal sums).
+//                    Under expert parallelism (first >= 0) w13/w2 hold experts first..first+E-1 and only the copies
+//                    routed to them are computed.
 // qk_norm_rope:      per-head RMSNorm of q and k, then partial rotate-half RoPE.
 // rms_norm:          RMSNorm of bf16 rows, optionally after the residual add.
 // decode_attention:  one query per sequence over the paged KV cache, read in place (no gather), GQA, split-K.
@@ -34,7 +36,7 @@ std::vector<at::Tensor> route(const at::Tensor& x, const at::Tensor& w, const at
                               int64_t n_group, int64_t topk_group, bool norm, double scale);
 at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& weights,
                           const at::Tensor& ids, const c10::optional<at::Tensor>& shared_w13,
-                          const c10::optional<at::Tensor>& shared_w2);
+                          const c10::optional<at::Tensor>& shared_w2, int64_t first);
 std::vector<at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& add, const at::Tensor& w,
                                  double eps);
 std::vector<at::Tensor> qk_norm_rope(const at::Tensor& qkv, int64_t H, int64_t Hkv, int64_t D,
