@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched at once")
     p.add_argument("--speculative-tokens", type=int, default=None, metavar="N", help=SPECULATIVE_HELP)
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N",
+                   help="split the model over N processes of this host (gloo on CPU, NCCL on GPUs: one GPU each)")
     p.add_argument("--max-num-requests", type=int, default=1024,
                    help="requests queued or running before new ones get 503 + Retry-After")
     p.add_argument("--max-request-bytes", type=int, default=32 * 2**20, help="larger bodies get 413")
@@ -75,9 +77,29 @@ def run(args: argparse.Namespace) -> int:
                           max_request_bytes=args.max_request_bytes, max_num_requests=args.max_num_requests,
                           clear_thinking=not args.preserve_thinking,
                           allowed_hosts=None if args.allowed_hosts is None else frozenset(args.allowed_hosts))
-    engine = LLMEngine.from_path(model, dtype=getattr(torch, args.dtype), device=device, **options)
-    tokenizer = Tokenizer.from_dir(model)
-    print(f"glm47 serve: {model} as {', '.join(config.served_model_names)} on http://{args.host}:{args.port} "
-          f"({device}, context {engine.max_model_len}, KV pool {engine.pool_tokens} tokens)", file=sys.stderr)
-    return serve(engine, tokenizer, config, host=args.host, port=args.port, log_level=args.log_level,
-                 drain_timeout=args.drain_timeout)
+    tp, parallel, ranks = args.tensor_parallel_size, None, []
+    if tp > 1:
+        from glm47.engine.ranks import free_port, init_ranks, start_local_ranks
+
+        port = free_port()
+        ranks = start_local_ranks(tp, port, str(model), args.dtype, device, options)
+        parallel = init_ranks(0, tp, port, torch.device(device))
+        if device == "cuda":
+            device = "cuda:0"
+            torch.cuda.set_device(0)
+    try:
+        engine = LLMEngine.from_path(model, dtype=getattr(torch, args.dtype), device=device, parallel=parallel,
+                                     **options)
+        tokenizer = Tokenizer.from_dir(model)
+        print(f"glm47 serve: {model} as {', '.join(config.served_model_names)} on http://{args.host}:{args.port} "
+              f"({device}{f', {tp} tensor-parallel ranks' if tp > 1 else ''}, context {engine.max_model_len}, "
+              f"KV pool {engine.pool_tokens} tokens)", file=sys.stderr)
+        code = serve(engine, tokenizer, config, host=args.host, port=args.port, log_level=args.log_level,
+                     drain_timeout=args.drain_timeout)
+        engine.shutdown()
+    finally:
+        for p in ranks:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return code

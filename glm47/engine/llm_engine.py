@@ -25,6 +25,7 @@ from glm47.engine.block_manager import BlockManager
 from glm47.engine.config import EngineConfig
 from glm47.engine.model_runner import ModelRunner, Step
 from glm47.engine.ranks import StepBroadcast, kv_blocks_for
+from glm47.model.parallel import ParallelState
 from glm47.engine.sampling import ParamError, SampleOutput, SamplingParams, sample
 from glm47.sampling_params import ContextTooLong
 from glm47.engine.scheduler import ScheduledBatch, Scheduler
@@ -124,10 +125,10 @@ class LLMEngine:
 
     @classmethod
     def from_path(cls, path: str | Path, dtype: torch.dtype | str | None = torch.bfloat16,
-                  device: str | torch.device = "cpu", **options) -> LLMEngine:
-        """Loads a checkpoint directory; options are EngineConfig fields. Stop ids come from
-        generation_config.json when it has them."""
-        model = load_model(path, dtype=dtype, device=device)
+                  device: str | torch.device = "cpu", parallel: ParallelState | None = None, **options) -> LLMEngine:
+        """Loads a checkpoint directory (this rank's shard with `parallel`: rank 0's engine); options are
+        EngineConfig fields. Stop ids come from generation_config.json when it has them."""
+        model = load_model(path, dtype=dtype, device=device, parallel=parallel)
         eos = None
         gen = Path(path) / "generation_config.json"
         if gen.is_file():

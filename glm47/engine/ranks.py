@@ -7,6 +7,9 @@ block count, the smallest any rank can hold.
               ... engine.generate(...) ...; engine.shutdown()
     rank > 0: run_rank(model, config)                  # returns when rank 0 shuts down
 
+`start_local_ranks` starts ranks 1 .. N-1 of one host as processes (what `glm47 serve --tensor-parallel-size N`
+does); the caller becomes rank 0.
+
 The inputs travel by torch.distributed (broadcast of a pickled object over the tp group: gloo on CPU, NCCL on
 GPUs). A shared-memory ring for ranks on one host is still to come (#15).
 """
@@ -75,3 +78,46 @@ def run_rank(model, engine_config: EngineConfig) -> None:
             return
         else:
             raise ValueError(f"rank {parallel.tp_rank}: unknown input {kind!r} from rank 0")
+
+
+def init_ranks(rank: int, world: int, port: int, device: torch.device) -> ParallelState:
+    """Joins the world of `world` ranks on this host (gloo on CPU, NCCL on GPUs, rendezvous on 127.0.0.1:port)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    return ParallelState.from_distributed()
+
+
+def _local_rank(rank: int, world: int, port: int, path: str, dtype: str, device: str, options: dict) -> None:
+    from glm47.checkpoint.loader import load_model
+
+    dev = torch.device(device if device != "cuda" else f"cuda:{rank}")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    parallel = init_ranks(rank, world, port, dev)
+    try:
+        model = load_model(path, dtype=dtype, device=dev, parallel=parallel)
+        run_rank(model, EngineConfig(**options))
+    finally:
+        dist.destroy_process_group()
+
+
+def start_local_ranks(world: int, port: int, path: str, dtype: str, device: str, options: dict) -> list:
+    """Starts ranks 1 .. world-1 as daemon processes of this one (they end with it); each loads its shard of the
+    checkpoint and runs what rank 0 sends. Returns the processes."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_local_rank, args=(r, world, port, str(path), dtype, device, options), daemon=True,
+                         name=f"glm47-rank{r}") for r in range(1, world)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the ranks' rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,6 +2,7 @@
 clients: chat whole and streamed (with the include_usage chunk), messages (also on ?beta=true) and
 count_tokens, --api-key enforced, and SIGTERM draining a stream in flight before a clean exit (code 0)."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,14 +23,14 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 USER = [{"role": "user", "content": "Say something."}]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_glm47):
-    path = tiny_glm47
+@contextlib.contextmanager
+def started(path, log_path, *options):
+    """(url, process, log) of `glm47 serve` on the float32 checkpoint at `path`, killed on the way out."""
     port = free_port()
-    log = open(path / "serve.log", "w+")
+    log = open(log_path, "w+")
     command = [sys.executable, "-m", "glm47.cli.main", "serve", "--model", str(path), "--port", str(port),
                "--dtype", "float32", "--kv-cache-tokens", "2048", "--api-key", KEY, "--log-level", "info",
-               "--drain-timeout", "30"]
+               "--drain-timeout", "30", *options]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -48,6 +49,12 @@ def server(tiny_glm47):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_glm47):
+    with started(tiny_glm47, tiny_glm47 / "serve.log") as s:
+        yield s
 
 
 def read(log) -> str:
@@ -100,6 +107,29 @@ def test_api_key_is_required(server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert httpx.get(url + "/health").status_code == 200  # probes need no key
+
+
+def test_a_server_over_two_tensor_parallel_ranks_answers_as_one_process_and_ends_them(server, tiny_glm47, tmp_path):
+    """--tensor-parallel-size 2: a second process holds half of every layer; greedy completions are the one-process
+    server's, and SIGTERM ends both processes (exit 0)."""
+    import psutil
+
+    prompts = [[5, 17, 300, 42], list(range(100, 140))]  # the second is longer than a decode, shorter than a chunk
+    with started(tiny_glm47, tmp_path / "tp.log", "--tensor-parallel-size", "2") as (url, proc, log):
+        ranks = psutil.Process(proc.pid).children()
+        assert len(ranks) >= 1
+        for prompt in prompts:
+            body = {"model": "glm-4.7", "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+            one = httpx.post(server[0] + "/v1/completions", json=body, headers=AUTH, timeout=60).json()
+            two = httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=60).json()
+            assert two["choices"][0]["text"] == one["choices"][0]["text"]
+            assert two["usage"] == one["usage"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, read(log)
+        text = read(log)
+    assert "2 tensor-parallel ranks" in text and "Traceback" not in text, text
+    gone, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive, [r.cmdline() for r in alive]
 
 
 def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(server):
