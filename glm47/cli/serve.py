@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speculative-tokens", type=int, default=None, metavar="N", help=SPECULATIVE_HELP)
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N",
                    help="split the model over N processes of this host (gloo on CPU, NCCL on GPUs: one GPU each)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size: each process runs whole experts, a block of them (EP = TP)")
     p.add_argument("--max-num-requests", type=int, default=1024,
                    help="requests queued or running before new ones get 503 + Retry-After")
     p.add_argument("--max-request-bytes", type=int, default=32 * 2**20, help="larger bodies get 413")
@@ -82,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
         from glm47.engine.ranks import free_port, init_ranks, start_local_ranks
 
         port = free_port()
-        ranks = start_local_ranks(tp, port, str(model), args.dtype, device, options)
-        parallel = init_ranks(0, tp, port, torch.device(device))
+        ranks = start_local_ranks(tp, port, str(model), args.dtype, device, options, args.enable_expert_parallel)
+        parallel = init_ranks(0, tp, port, torch.device(device), args.enable_expert_parallel)
         if device == "cuda":
             device = "cuda:0"
             torch.cuda.set_device(0)

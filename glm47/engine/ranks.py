@@ -80,20 +80,22 @@ def run_rank(model, engine_config: EngineConfig) -> None:
             raise ValueError(f"rank {parallel.tp_rank}: unknown input {kind!r} from rank 0")
 
 
-def init_ranks(rank: int, world: int, port: int, device: torch.device) -> ParallelState:
+def init_ranks(rank: int, world: int, port: int, device: torch.device, expert_parallel: bool = False
+               ) -> ParallelState:
     """Joins the world of `world` ranks on this host (gloo on CPU, NCCL on GPUs, rendezvous on 127.0.0.1:port)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    return ParallelState.from_distributed()
+    return ParallelState.from_distributed(expert_parallel)
 
 
-def _local_rank(rank: int, world: int, port: int, path: str, dtype: str, device: str, options: dict) -> None:
+def _local_rank(rank: int, world: int, port: int, path: str, dtype: str, device: str, options: dict,
+                expert_parallel: bool) -> None:
     from glm47.checkpoint.loader import load_model
 
     dev = torch.device(device if device != "cuda" else f"cuda:{rank}")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    parallel = init_ranks(rank, world, port, dev)
+    parallel = init_ranks(rank, world, port, dev, expert_parallel)
     try:
         model = load_model(path, dtype=dtype, device=dev, parallel=parallel)
         run_rank(model, EngineConfig(**options))
@@ -101,14 +103,15 @@ def _local_rank(rank: int, world: int, port: int, path: str, dtype: str, device:
         dist.destroy_process_group()
 
 
-def start_local_ranks(world: int, port: int, path: str, dtype: str, device: str, options: dict) -> list:
+def start_local_ranks(world: int, port: int, path: str, dtype: str, device: str, options: dict,
+                      expert_parallel: bool = False) -> list:
     """Starts ranks 1 .. world-1 as daemon processes of this one (they end with it); each loads its shard of the
-    checkpoint and runs what rank 0 sends. Returns the processes."""
+    checkpoint (with expert_parallel: whole experts, a block each) and runs what rank 0 sends. Returns them."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_local_rank, args=(r, world, port, str(path), dtype, device, options), daemon=True,
-                         name=f"glm47-rank{r}") for r in range(1, world)]
+    procs = [ctx.Process(target=_local_rank, args=(r, world, port, str(path), dtype, device, options, expert_parallel),
+                         daemon=True, name=f"glm47-rank{r}") for r in range(1, world)]
     for p in procs:
         p.start()
     return procs

@@ -109,13 +109,15 @@ def test_api_key_is_required(server):
     assert httpx.get(url + "/health").status_code == 200  # probes need no key
 
 
-def test_a_server_over_two_tensor_parallel_ranks_answers_as_one_process_and_ends_them(server, tiny_glm47, tmp_path):
-    """--tensor-parallel-size 2: a second process holds half of every layer; greedy completions are the one-process
-    server's, and SIGTERM ends both processes (exit 0)."""
+@pytest.mark.parametrize("options", [(), ("--enable-expert-parallel",)], ids=["tp2", "tp2-ep2"])
+def test_a_server_over_two_tensor_parallel_ranks_answers_as_one_process_and_ends_them(server, tiny_glm47, tmp_path,
+                                                                                       options):
+    """--tensor-parallel-size 2: a second process holds half of every layer (or half the experts, whole);
+    greedy completions are the one-process server's, and SIGTERM ends both processes (exit 0)."""
     import psutil
 
     prompts = [[5, 17, 300, 42], list(range(100, 140))]  # the second is longer than a decode, shorter than a chunk
-    with started(tiny_glm47, tmp_path / "tp.log", "--tensor-parallel-size", "2") as (url, proc, log):
+    with started(tiny_glm47, tmp_path / "tp.log", "--tensor-parallel-size", "2", *options) as (url, proc, log):
         ranks = psutil.Process(proc.pid).children()
         assert len(ranks) >= 1
         for prompt in prompts:
