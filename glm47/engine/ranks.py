@@ -41,11 +41,12 @@ def receive(parallel: ParallelState) -> tuple[str, object]:
     return box[0]
 
 
-def agree_num_blocks(num_blocks: int, parallel: ParallelState) -> int:
-    """The smallest KV block count any rank can hold: the one every rank allocates (the same block ids on all)."""
+def agree_num_blocks(num_blocks: int, parallel: ParallelState, device: torch.device) -> int:
+    """The smallest KV block count any rank can hold: the one every rank allocates (the same block ids on all).
+    The count travels on the model's device (NCCL reduces GPU tensors only)."""
     if parallel.tp_size == 1:
         return num_blocks
-    n = torch.tensor([num_blocks], dtype=torch.long)
+    n = torch.tensor([num_blocks], dtype=torch.long, device=device)
     dist.all_reduce(n, op=dist.ReduceOp.MIN, group=parallel.tp_group)
     return int(n.item())
 
@@ -55,9 +56,9 @@ def kv_blocks_for(model, config: EngineConfig) -> int:
     on every tensor-parallel rank (the smallest any of them can hold)."""
     c = model.config
     max_model_len = min(c.max_position_embeddings, config.max_model_len or c.max_position_embeddings)
-    n = num_kv_blocks(config, ModelRunner.kv_bytes_per_block(model, config.block_size), model.lm_head.weight.device,
-                      max_model_len)
-    return agree_num_blocks(n, model.parallel)
+    device = model.lm_head.weight.device
+    n = num_kv_blocks(config, ModelRunner.kv_bytes_per_block(model, config.block_size), device, max_model_len)
+    return agree_num_blocks(n, model.parallel, device)
 
 
 def run_rank(model, engine_config: EngineConfig) -> None:
