@@ -52,3 +52,8 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
                              f"max_num_seqs={self.max_num_seqs} (every running sequence decodes each step)")
+
+    def context_limit(self, model_config) -> int:
+        """Tokens a sequence may hold: max_model_len, at most the model's max_position_embeddings."""
+        n = model_config.max_position_embeddings
+        return min(n, self.max_model_len or n)

@@ -25,13 +25,13 @@ from glm47.engine.block_manager import BlockManager
 from glm47.engine.config import EngineConfig
 from glm47.engine.model_runner import ModelRunner, Step
 from glm47.engine.ranks import StepBroadcast, kv_blocks_for
-from glm47.model.parallel import ParallelState
 from glm47.engine.sampling import ParamError, SampleOutput, SamplingParams, sample
-from glm47.sampling_params import ContextTooLong
 from glm47.engine.scheduler import ScheduledBatch, Scheduler
 from glm47.engine.sequence import Sequence
 from glm47.engine.spec_decode import SpecDecoder, verify
 from glm47.engine.threads import ThreadGovernor
+from glm47.model.parallel import ParallelState
+from glm47.sampling_params import ContextTooLong
 
 log = logging.getLogger("glm47.engine")
 
@@ -99,7 +99,7 @@ class LLMEngine:
         mc = model.config
         self.eos_token_ids = frozenset(mc.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.vocab_size = mc.vocab_size
-        self.max_model_len = min(mc.max_position_embeddings, config.max_model_len or mc.max_position_embeddings)
+        self.max_model_len = config.context_limit(mc)
         device = model.lm_head.weight.device
         if config.num_speculative_tokens and not model.has_mtp:
             raise ValueError(f"num_speculative_tokens={config.num_speculative_tokens} drafts with the checkpoint's "

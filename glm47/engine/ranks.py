@@ -54,10 +54,9 @@ def agree_num_blocks(num_blocks: int, parallel: ParallelState, device: torch.dev
 def kv_blocks_for(model, config: EngineConfig) -> int:
     """The KV block count of an engine for `model`: from the options or free memory (num_kv_blocks), the same
     on every tensor-parallel rank (the smallest any of them can hold)."""
-    c = model.config
-    max_model_len = min(c.max_position_embeddings, config.max_model_len or c.max_position_embeddings)
     device = model.lm_head.weight.device
-    n = num_kv_blocks(config, ModelRunner.kv_bytes_per_block(model, config.block_size), device, max_model_len)
+    n = num_kv_blocks(config, ModelRunner.kv_bytes_per_block(model, config.block_size), device,
+                      config.context_limit(model.config))
     return agree_num_blocks(n, model.parallel, device)
 
 

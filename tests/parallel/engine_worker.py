@@ -13,9 +13,8 @@ import torch.distributed as dist
 from glm47.checkpoint.loader import load_model
 from glm47.engine.config import EngineConfig
 from glm47.engine.llm_engine import LLMEngine
-from glm47.engine.ranks import run_rank
+from glm47.engine.ranks import init_ranks, run_rank
 from glm47.engine.sampling import SamplingParams
-from glm47.model.parallel import ParallelState
 
 # Prompts longer than a prefill chunk (16 tokens a step) and shorter; two share a prefix (prefix caching).
 PROMPTS = [[5, 17, 300, 42, 7], list(range(2, 40)), [9] * 3, list(range(2, 22)) + [77, 78]]
@@ -33,9 +32,9 @@ def generate(engine: LLMEngine) -> list[list[int]]:
 
 def main(rank: int, world: int, port: int, checkpoint: str, out: str, drafts: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    parallel = init_ranks(rank, world, port, torch.device("cpu"))
     try:
-        model = load_model(checkpoint, dtype=torch.float32, parallel=ParallelState.from_distributed())
+        model = load_model(checkpoint, dtype=torch.float32, parallel=parallel)
         if rank == 0:
             engine = LLMEngine(model, config(drafts))
             try:

@@ -1,18 +1,12 @@
 """Starting the ranks of a parallel test: one process per rank on loopback (gloo), each ended by the caller within
 a time bound, whatever happens."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server_util import free_port
 
 
 def run_ranks(worker: Path, world: int, checkpoint: Path, out: Path, *args: str, timeout: float = 240) -> dict:

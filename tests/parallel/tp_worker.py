@@ -11,16 +11,16 @@ import torch
 import torch.distributed as dist
 
 from glm47.checkpoint.loader import load_model
-from glm47.model.parallel import ParallelState
+from glm47.engine.ranks import init_ranks
 
 IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 256, 3, 11, 480], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
 
 
 def main(rank: int, world: int, port: int, checkpoint: str, out: str, expert_parallel: bool) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    parallel = init_ranks(rank, world, port, torch.device("cpu"), expert_parallel)
     try:
-        model = load_model(checkpoint, dtype=torch.float32, parallel=ParallelState.from_distributed(expert_parallel))
+        model = load_model(checkpoint, dtype=torch.float32, parallel=parallel)
         calls = []
         real = dist.all_reduce
         dist.all_reduce = lambda *a, **k: calls.append(1) or real(*a, **k)
