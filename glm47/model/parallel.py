@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -46,33 +48,27 @@ class ParallelState:
     def from_distributed(cls, expert_parallel: bool = False) -> ParallelState:
         """This process's place in an initialised torch.distributed world: tensor parallel over all its ranks, and
         with expert_parallel each rank also runs its own block of experts (EP = TP)."""
-        import torch.distributed as dist
-
         rank, size = dist.get_rank(), dist.get_world_size()
         return cls(rank, size, rank if expert_parallel else 0, size if expert_parallel else 1, dist.group.WORLD)
+
+    def _group(self):
+        if self.tp_group is None:
+            raise RuntimeError("a ParallelState without a process group can size and load shards, not run them")
+        return self.tp_group
 
     def all_gather(self, x: Tensor, dim: int = -1) -> Tensor:
         """The tp ranks' x concatenated along `dim`, in rank order (x at size 1)."""
         if self.tp_size == 1:
             return x
-        if self.tp_group is None:
-            raise RuntimeError("a ParallelState without a process group can size and load shards, not run them")
-        import torch
-        import torch.distributed as dist
-
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
-        dist.all_gather(parts, x.contiguous(), group=self.tp_group)
+        dist.all_gather(parts, x.contiguous(), group=self._group())
         return torch.cat(parts, dim=dim)
 
     def all_reduce(self, x: Tensor) -> Tensor:
         """Sum of x over the tp ranks (x at size 1)."""
         if self.tp_size == 1:
             return x
-        if self.tp_group is None:
-            raise RuntimeError("a ParallelState without a process group can size and load shards, not run them")
-        import torch.distributed as dist
-
-        dist.all_reduce(x, group=self.tp_group)
+        dist.all_reduce(x, group=self._group())
         return x
 
 
