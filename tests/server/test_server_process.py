@@ -25,7 +25,8 @@ USER = [{"role": "user", "content": "Say something."}]
 
 @contextlib.contextmanager
 def started(path, log_path, *options):
-    """(url, process, log) of `glm47 serve` on the float32 checkpoint at `path`, killed on the way out."""
+    """(url, process, log) of `glm47 serve` on the float32 checkpoint at `path`, killed on the way out with every
+    process it started."""
     port = free_port()
     log = open(log_path, "w+")
     command = [sys.executable, "-m", "glm47.cli.main", "serve", "--model", str(path), "--port", str(port),
@@ -45,9 +46,16 @@ def started(path, log_path, *options):
                 time.sleep(0.1)
         yield url, proc, log
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # its tensor-parallel ranks too: a killed server cannot end them itself
+            import psutil
+
+            children = psutil.Process(proc.pid).children(recursive=True)
             proc.kill()
             proc.wait()
+            for child in children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+            psutil.wait_procs(children, timeout=10)
         log.close()
 
 
